@@ -1,0 +1,1 @@
+"""GRPO: advantages, KL estimators, policy losses, the RL trainer, the pipeline and the `grpo` command."""

@@ -1,0 +1,1 @@
+"""Rewards: the reward protocol and registry, rule-based rewards, reward models, remote rewards."""

@@ -1,0 +1,1 @@
+"""Rollout engines behind one interface: a PyTorch engine and a vLLM engine."""

@@ -1,1 +1,10 @@
-"""Triton kernels with PyTorch references; dispatch picks Triton on CUDA and the reference elsewhere."""
+"""Triton kernels with PyTorch references; dispatch picks Triton on CUDA and the reference elsewhere.
+
+Every op here takes plain tensors, validates them, and runs the backend :func:`backend` names for the tensors'
+device (``KERNELS_BACKEND=triton|torch`` forces one). Triton is imported only when a Triton path runs.
+"""
+
+from kernels.dispatch import backend
+from kernels.token_logprobs import token_logprobs
+
+__all__ = ["backend", "token_logprobs"]

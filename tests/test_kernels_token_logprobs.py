@@ -169,3 +169,58 @@ def test_bad_input_is_named(kwargs, match):
     extra = {k: args.pop(k) for k in ("temperature", "chunk_size") if k in args}
     with pytest.raises(ValueError, match=match):
         kernels.token_logprobs(args["hidden"], args["weight"], args["labels"], **extra)
+
+
+# ---- Triton (compiled on CUDA, interpreted on CPU) ----
+
+
+TRITON_CASES = [
+    # (N, V, H, dtype, temperature, chunk_size)
+    (37, 101, 24, torch.float32, 1.0, None),
+    (37, 101, 24, torch.float32, 0.6, 8),
+    (21, 67, 40, torch.bfloat16, 1.0, 16),
+    (1, 5, 3, torch.float32, 1.0, None),
+]
+if ON_GPU:
+    TRITON_CASES += [
+        (1000, 5003, 256, torch.bfloat16, 1.0, 300),
+        (777, 32000, 512, torch.float32, 0.8, None),
+        (2048, 50257, 1024, torch.bfloat16, 1.0, None),
+    ]
+
+
+@needs_triton
+@pytest.mark.parametrize(("n", "v", "h", "dtype", "temperature", "chunk_size"), TRITON_CASES)
+def test_triton_matches_reference(n, v, h, dtype, temperature, chunk_size, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    hidden, weight, labels, g_lp, g_ent = make_inputs(n, v, h, dtype, device=DEVICE, ignore=(3, n - 1))
+    got = run_and_grad(
+        kernels.token_logprobs,
+        hidden,
+        weight,
+        labels,
+        g_lp,
+        g_ent,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+    want = naive64(hidden, weight, labels, g_lp, g_ent, temperature=temperature)
+    assert got[0].dtype == torch.float32 and got[2].dtype == dtype
+    assert_close(got[0].cpu(), want[0], dtype, "logprobs")
+    assert_close(got[1].cpu(), want[1], dtype, "entropy")
+    assert_grad_close(got[2].cpu(), want[2], dtype, "grad_hidden")
+    assert_grad_close(got[3].cpu(), want[3], dtype, "grad_weight")
+    ignored = labels == IGNORE_INDEX
+    assert got[0][ignored].abs().max().item() == 0.0 and got[2][ignored].abs().max().item() == 0.0
+
+
+@needs_triton
+def test_triton_without_entropy(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    hidden, weight, labels, g_lp, g_ent = make_inputs(19, 45, 20, torch.float32, device=DEVICE)
+    got = run_and_grad(kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, with_entropy=False)
+    want = naive64(hidden, weight, labels, g_lp, g_ent, with_entropy=False)
+    assert got[1] is None
+    assert_close(got[0].cpu(), want[0], torch.float32, "logprobs")
+    assert_grad_close(got[2].cpu(), want[2], torch.float32, "grad_hidden")
+    assert_grad_close(got[3].cpu(), want[3], torch.float32, "grad_weight")

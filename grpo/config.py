@@ -1,0 +1,133 @@
+"""Typed settings for one RL (GRPO) phase, validated up front with messages that name the field."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class GRPOConfig:
+    """Settings of the GRPO trainer.
+
+    Batch shape: each step takes ``prompts_per_step`` prompts and samples ``group_size`` completions for each,
+    so one step holds ``prompts_per_step * group_size`` sequences; they are split into minibatches of
+    ``minibatch_size`` sequences for ``updates_per_batch`` (μ) passes, one optimizer step per minibatch.
+
+    Attributes:
+        group_size: G, completions per prompt (DeepSeekMath 64, R1-Zero 16).
+        prompts_per_step: B, prompts per step.
+        minibatch_size: Sequences per optimizer step; must divide ``prompts_per_step * group_size``.
+        micro_batch_size: Sequences per forward/backward inside a minibatch (gradient accumulation); must
+            divide ``minibatch_size``.
+        updates_per_batch: μ, passes over each batch (1 = strictly on-policy, old log-probs = current).
+        lr: Learning rate (DeepSeekMath 1e-6, R1-Zero 3e-6).
+        lr_schedule: ``constant`` or ``cosine``, after ``warmup_steps`` of linear warmup.
+        warmup_steps: Optimizer steps of linear warmup.
+        total_steps: Planned RL steps (the cosine schedule's horizon).
+        weight_decay: AdamW weight decay.
+        max_grad_norm: Gradient clipping norm; 0 disables clipping.
+        beta: KL-to-reference weight (DeepSeekMath 0.04, R1-Zero 0.001); 0 skips the reference model.
+        kl: KL estimator, ``k1``, ``k2`` or ``k3``.
+        clip_low: ε_low of the ratio clip.
+        clip_high: ε_high (DAPO clip-higher uses e.g. 0.28).
+        loss_agg: Aggregation mode of :func:`grpo.losses.agg_loss`.
+        policy_loss: Registered policy-loss variant (``vanilla``, ``gspo``).
+        advantage: Registered advantage estimator (``grpo``, ``dr_grpo``, ``rloo``).
+        advantage_scale: ``group``, ``batch`` or ``none``; None keeps the estimator's default.
+        max_new_tokens: Completion length limit.
+        temperature: Sampling temperature for rollouts (R1-Zero 1.0).
+        top_p: Nucleus sampling mass.
+        dynamic_sampling: Drop groups whose rewards are all equal (they carry no signal) and sample more prompts,
+            up to ``max_refill_rounds`` extra rounds (DAPO).
+        max_refill_rounds: See ``dynamic_sampling``.
+        mask_truncated: Give completions cut at ``max_new_tokens`` no loss (DAPO overlong filtering).
+        ref_reset_every: Copy the policy into the reference model every K steps (0 = never).
+        moe_aux_coef: Weight of the MoE balance losses the policy returns (0 = off).
+        logprob_chunk_size: Tokens per chunk when computing log-probs without materialising all logits.
+        seed: Seed of sampling and minibatch shuffling.
+    """
+
+    group_size: int = 8
+    prompts_per_step: int = 8
+    minibatch_size: int = 64
+    micro_batch_size: int = 16
+    updates_per_batch: int = 1
+    lr: float = 1e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.04
+    kl: str = "k3"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_agg: str = "seq-mean-token-mean"
+    policy_loss: str = "vanilla"
+    advantage: str = "grpo"
+    advantage_scale: str | None = None
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    dynamic_sampling: bool = False
+    max_refill_rounds: int = 2
+    mask_truncated: bool = False
+    ref_reset_every: int = 0
+    moe_aux_coef: float = 0.0
+    logprob_chunk_size: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ["group_size", "prompts_per_step", "minibatch_size", "micro_batch_size", "updates_per_batch",
+                    "max_new_tokens", "logprob_chunk_size", "total_steps"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        non_negative = ["lr", "beta", "clip_low", "clip_high", "weight_decay", "max_grad_norm", "moe_aux_coef",
+                        "temperature", "warmup_steps", "ref_reset_every", "max_refill_rounds"]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        batch = self.prompts_per_step * self.group_size
+        if batch % self.minibatch_size:
+            raise ValueError(f"minibatch_size ({self.minibatch_size}) must divide prompts_per_step * group_size "
+                             f"({self.prompts_per_step} * {self.group_size} = {batch})")
+        if self.minibatch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide minibatch_size "
+                             f"({self.minibatch_size})")
+        self._check_choice("lr_schedule", ("constant", "cosine"))
+        self._check_choice("advantage_scale", (None, "group", "batch", "none"))
+        self._check_registered()
+
+    def _check_choice(self, name: str, allowed: tuple) -> None:
+        if getattr(self, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def _check_registered(self) -> None:
+        from grpo import advantages, losses
+
+        for name, registry in (("advantage", advantages.ADVANTAGE_ESTIMATORS), ("kl", losses.KL_ESTIMATORS),
+                               ("loss_agg", losses.AGG_MODES), ("policy_loss", losses.POLICY_RATIOS)):
+            if getattr(self, name) not in registry:
+                raise ValueError(f"{name} must be one of {list(registry)}, got {getattr(self, name)!r}")
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per step: ``prompts_per_step * group_size``."""
+        return self.prompts_per_step * self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GRPOConfig:
+        """Builds a config, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GRPO setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,431 @@
+"""The GRPO trainer: one RL step = generate -> score -> advantages -> old/ref log-probs -> μ updates -> sync.
+
+The algorithm's math lives in :mod:`grpo.advantages`, :mod:`grpo.losses` and :mod:`grpo.logprobs`; this module
+only moves data between them, the rollout engine and the reward functions. Departures from DeepSeekMath's
+GRPO that are options here (all off by default): DAPO's dynamic sampling, clip-higher and overlong filtering,
+Dr.GRPO's aggregation, GSPO's sequence ratio, and resetting the reference model every K steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grpo.advantages import compute_advantages
+from grpo.config import GRPOConfig
+from grpo.logprobs import sequence_logprobs
+from grpo.losses import policy_loss
+from rollout.base import Rollout, RolloutEngine, SamplingConfig
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """One step's sampled sequences, padded into tensors (``N = B * G`` rows, prompt left-padded, completion
+    right-padded; ``L = P + T``).
+
+    Attributes:
+        input_ids: ``[N, L]`` prompt + completion token ids.
+        attention_mask: ``[N, L]`` 1 at real tokens.
+        completion_mask: ``[N, T]`` 1 at completion tokens that carry loss.
+        advantages: ``[N]`` per-sequence advantages.
+        rewards: ``[N]`` total rewards.
+        old_logp: ``[N, T]`` log-probs under the sampling policy (None until computed).
+        ref_logp: ``[N, T]`` log-probs under the reference policy (None when β = 0).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor
+    advantages: Tensor
+    rewards: Tensor
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+
+    @property
+    def completion_len(self) -> int:
+        return self.completion_mask.shape[1]
+
+    def select(self, idx: Tensor) -> Trajectories:
+        pick = (lambda t: None if t is None else t[idx])  # noqa: E731
+        return Trajectories(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+    def replace(self, **kw: Any) -> Trajectories:
+        values = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        values.update(kw)
+        return Trajectories(**values)
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt: chat messages go through the chat template with the generation prompt; a plain
+    string does too when the tokenizer has a chat template (as a single user turn), else it is tokenised as is."""
+    if isinstance(prompt, str):
+        if getattr(tokenizer, "chat_template", None) is None:
+            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        prompt = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def pad_trajectories(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pads prompts and right-pads completions into ``input_ids [N, P+T]``, ``attention_mask [N, P+T]``
+    and ``completion_mask [N, T]`` (T >= 1 even when every completion is empty)."""
+    p_len = max(len(p) for p in prompts)
+    t_len = max(1, max(len(c) for c in completions))
+    n = len(prompts)
+    ids = torch.full((n, p_len + t_len), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, p_len + t_len), dtype=torch.long)
+    comp = torch.zeros((n, t_len), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, p_len - len(p):p_len] = torch.as_tensor(list(p), dtype=torch.long)
+        ids[i, p_len:p_len + len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+        attn[i, p_len - len(p):p_len + len(c)] = 1
+        comp[i, :len(c)] = 1
+    return ids, attn, comp
+
+
+def hf_named_tensors(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
+    """(Hugging Face name, tensor) pairs of a model's weights: ours maps its internal layout to HF names."""
+    named = getattr(model, "named_hf_weights", None)
+    if named is not None:
+        return named()
+    return model.state_dict().items()
+
+
+def bucketed(named: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> Iterable[list[tuple[str, Tensor]]]:
+    """Groups (name, tensor) pairs into buckets of about ``bucket_bytes`` each."""
+    bucket: list[tuple[str, Tensor]] = []
+    size = 0
+    for name, tensor in named:
+        bucket.append((name, tensor.detach()))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+class GRPOTrainer:
+    """Trains a causal LM (ours or any transformers model) with GRPO against reward functions.
+
+    Args:
+        policy: The model being trained (forward takes ``input_ids``/``attention_mask``; see
+            :func:`grpo.logprobs.sequence_logprobs`).
+        engine: The rollout engine that samples from a copy of the policy; weights are pushed to it after
+            every step.
+        reward_fn: A reward callable ``f(prompts, completions, **columns)`` returning a list of floats (or None),
+            or an object returning ``RewardOutput(total, breakdown)`` (see :mod:`rewards`).
+        tokenizer: The policy's tokenizer (chat template, pad and eos ids, decoding).
+        config: :class:`GRPOConfig`.
+        ref_model: The frozen reference policy; built as a copy of ``policy`` when None and β > 0.
+        optimizer: Defaults to AdamW over the policy's trainable parameters.
+    """
+
+    def __init__(self, policy: nn.Module, engine: RolloutEngine, reward_fn: Callable[..., Any], tokenizer: Any,
+                 config: GRPOConfig, ref_model: nn.Module | None = None,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.policy, self.engine, self.reward_fn = policy, engine, reward_fn
+        self.tokenizer, self.config = tokenizer, config
+        self.ref_model = ref_model
+        if self.ref_model is None and config.beta > 0:
+            self.ref_model = copy.deepcopy(policy)
+        if self.ref_model is not None:
+            self.ref_model.eval().requires_grad_(False)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = optimizer or torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step_count = 0
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._aux_losses: dict[str, Tensor] = {}
+        decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else policy
+        decoder.register_forward_hook(self._capture_aux_losses)
+
+    def _capture_aux_losses(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Keeps the MoE balance losses of the policy's last forward (our models return them)."""
+        self._aux_losses = getattr(output, "aux_losses", None) or {}
+
+    # -- schedule ---------------------------------------------------------------------------------------------
+    def _lr_factor(self, opt_step: int) -> float:
+        cfg = self.config
+        if opt_step < cfg.warmup_steps:
+            return (opt_step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        updates_per_step = cfg.updates_per_batch * (cfg.batch_size // cfg.minibatch_size)
+        horizon = max(1, cfg.total_steps * updates_per_step - cfg.warmup_steps)
+        progress = min(1.0, (opt_step - cfg.warmup_steps) / horizon)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def step(self, rows: list[Row], refill: Callable[[int], list[Row]] | None = None) -> dict[str, float]:
+        """Runs one RL step on ``rows`` (each with a ``prompt`` and the reward functions' columns).
+
+        Args:
+            rows: ``prompts_per_step`` dataset rows.
+            refill: With dynamic sampling, called with a count to draw that many more rows.
+
+        Returns:
+            The step's metrics (flat dict of floats).
+        """
+        cfg = self.config
+        metrics: dict[str, float] = {}
+        timer = _PhaseTimer(metrics)
+        rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer)
+        with timer("advantages"):
+            rewards = torch.tensor(scores["total"], dtype=torch.float32)
+            kw = {} if cfg.advantage_scale is None else {"scale": cfg.advantage_scale}
+            advantages = compute_advantages(cfg.advantage, rewards, cfg.group_size, **kw)
+            batch = self._trajectories(rollouts, advantages, rewards)
+        with timer("logprobs"):
+            batch = self._reference_logprobs(batch)
+        with timer("update"):
+            metrics.update(self._update(batch))
+        with timer("sync"):
+            self.sync_weights()
+        self.step_count += 1
+        if cfg.ref_reset_every and self.ref_model is not None and self.step_count % cfg.ref_reset_every == 0:
+            self.ref_model.load_state_dict(self.policy.state_dict())
+        metrics.update(self._rollout_metrics(rollouts, scores, metrics))
+        return metrics
+
+    # -- generate + score (with dynamic sampling) ---------------------------------------------------------------
+    def _sample_and_score(self, rows, refill, metrics, timer):
+        cfg = self.config
+        want = len(rows)
+        kept_rows: list[Row] = []
+        kept_rollouts: list[Rollout] = []
+        totals: list[float] = []
+        breakdown: dict[str, list] = {}
+        pending, rounds, dropped = rows, 0, 0
+        while pending:
+            with timer("generate"):
+                rollouts = self.generate(pending)
+            with timer("score"):
+                scores = self.score(pending, rollouts)
+            for i, row in enumerate(pending):
+                group = slice(i * cfg.group_size, (i + 1) * cfg.group_size)
+                flat = scores["total"][group]
+                if cfg.dynamic_sampling and max(flat) - min(flat) == 0 and len(kept_rows) < want:
+                    dropped += 1
+                    continue
+                if len(kept_rows) == want:
+                    break
+                kept_rows.append(row)
+                kept_rollouts.extend(rollouts[group])
+                totals.extend(flat)
+                for name, values in scores["breakdown"].items():
+                    breakdown.setdefault(name, []).extend(values[group])
+            missing = want - len(kept_rows)
+            if not missing or refill is None or rounds >= cfg.max_refill_rounds:
+                break
+            rounds += 1
+            pending = refill(missing)
+        if not kept_rows:
+            raise RuntimeError("dynamic sampling dropped every group (all rewards equal in each group) and no "
+                               "refill was possible; raise max_refill_rounds or check the reward functions")
+        metrics["dynamic_sampling/dropped_groups"] = float(dropped)
+        metrics["dynamic_sampling/kept_groups"] = float(len(kept_rows))
+        return kept_rows, kept_rollouts, {"total": totals, "breakdown": breakdown}
+
+    def generate(self, rows: list[Row]) -> list[Rollout]:
+        """Samples ``group_size`` completions per row with the engine."""
+        cfg = self.config
+        prompt_ids = [encode_prompt(self.tokenizer, row["prompt"]) for row in rows]
+        sampling = SamplingConfig(n=cfg.group_size, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng)))
+        return self.engine.generate(prompt_ids, sampling)
+
+    def score(self, rows: list[Row], rollouts: list[Rollout]) -> dict[str, Any]:
+        """Scores completions: ``{"total": [N] floats, "breakdown": {name: [N]}}``; None counts as 0."""
+        g = self.config.group_size
+        prompts = [rows[i // g]["prompt"] for i in range(len(rollouts))]
+        columns = {k: [rows[i // g].get(k) for i in range(len(rollouts))] for k in rows[0] if k != "prompt"}
+        columns["completion_ids"] = [r.completion_ids for r in rollouts]
+        out = self.reward_fn(prompts, [r.text for r in rollouts], **columns)
+        if hasattr(out, "total"):
+            total, breakdown = list(out.total), dict(out.breakdown)
+        else:
+            total, breakdown = list(out), {}
+        if len(total) != len(rollouts):
+            raise ValueError(f"the reward returned {len(total)} values for {len(rollouts)} completions")
+        return {"total": [0.0 if t is None else float(t) for t in total], "breakdown": breakdown}
+
+    # -- tensors --------------------------------------------------------------------------------------------------
+    def _trajectories(self, rollouts: list[Rollout], advantages: Tensor, rewards: Tensor) -> Trajectories:
+        ids, attn, comp = pad_trajectories([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
+                                           self.pad_id)
+        if self.config.mask_truncated:
+            truncated = torch.tensor([r.finish_reason == "length" for r in rollouts])
+            comp = comp.masked_fill(truncated[:, None], 0)
+        return Trajectories(ids, attn, comp, advantages.float(), rewards)
+
+    def _logprobs(self, model: nn.Module, batch: Trajectories, with_entropy: bool = False
+                  ) -> tuple[Tensor, Tensor | None]:
+        return sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_len,
+                                 chunk_size=self.config.logprob_chunk_size, with_entropy=with_entropy,
+                                 temperature=self.config.temperature or 1.0)
+
+    @torch.no_grad()
+    def _batched_logprobs(self, model: nn.Module, batch: Trajectories) -> Tensor:
+        mb = self.config.micro_batch_size
+        parts = [self._logprobs(model, batch.select(torch.arange(i, min(i + mb, len(batch.rewards)))))[0]
+                 for i in range(0, len(batch.rewards), mb)]
+        return torch.cat(parts)
+
+    def _reference_logprobs(self, batch: Trajectories) -> Trajectories:
+        cfg = self.config
+        on_policy = cfg.updates_per_batch == 1 and cfg.minibatch_size == cfg.batch_size
+        if not on_policy:
+            was_training = self.policy.training
+            self.policy.eval()
+            batch = batch.replace(old_logp=self._batched_logprobs(self.policy, batch))
+            self.policy.train(was_training)
+        if cfg.beta > 0:
+            batch = batch.replace(ref_logp=self._batched_logprobs(self.ref_model, batch))
+        return batch
+
+    # -- update -----------------------------------------------------------------------------------------------------
+    def _update(self, batch: Trajectories) -> dict[str, float]:
+        cfg = self.config
+        self.policy.train()
+        sums: dict[str, float] = {}
+        count = 0
+        n = len(batch.rewards)
+        for _ in range(cfg.updates_per_batch):
+            order = torch.randperm(n, generator=self.rng)
+            for start in range(0, n, cfg.minibatch_size):
+                stats = self._minibatch_step(batch.select(order[start:start + cfg.minibatch_size]))
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def _minibatch_step(self, mini: Trajectories) -> dict[str, float]:
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total_tokens = mini.completion_mask.sum().clamp(min=1)
+        stats: dict[str, float] = {}
+        for start in range(0, len(mini.rewards), cfg.micro_batch_size):
+            micro = mini.select(torch.arange(start, min(start + cfg.micro_batch_size, len(mini.rewards))))
+            # Weight so that accumulating micro-batches equals one pass over the minibatch.
+            if cfg.loss_agg == "token-mean":
+                weight = micro.completion_mask.sum() / total_tokens
+            else:
+                weight = torch.tensor(len(micro.rewards) / len(mini.rewards))
+            logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
+            old = micro.old_logp if micro.old_logp is not None else logp.detach()
+            loss, m = policy_loss(logp, old, micro.advantages, micro.completion_mask, clip_low=cfg.clip_low,
+                                  clip_high=cfg.clip_high, ref_logp=micro.ref_logp, beta=cfg.beta, kl=cfg.kl,
+                                  agg=cfg.loss_agg, variant=cfg.policy_loss, max_len=cfg.max_new_tokens)
+            aux = self._moe_aux_loss()
+            ((loss + aux) * weight).backward()
+            mask = micro.completion_mask.bool()
+            m["entropy"] = float(entropy.detach()[mask].mean()) if mask.any() else 0.0
+            m["moe_aux_loss"] = float(aux)
+            for k, v in m.items():
+                stats[k] = stats.get(k, 0.0) + float(v) * float(weight)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if cfg.max_grad_norm > 0:
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        return stats
+
+    def _moe_aux_loss(self) -> Tensor:
+        """The policy's MoE balance losses from its last forward, summed and weighted by ``moe_aux_coef``."""
+        if not self.config.moe_aux_coef or not self._aux_losses:
+            return torch.zeros(())
+        return self.config.moe_aux_coef * sum(self._aux_losses.values(), torch.zeros(()))
+
+    # -- weights -------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sync_weights(self, bucket_bytes: int = 64 << 20) -> None:
+        """Pushes the policy's weights to the engine in buckets."""
+        for bucket in bucketed(hf_named_tensors(self.policy), bucket_bytes):
+            self.engine.update_weights(bucket)
+
+    # -- metrics ---------------------------------------------------------------------------------------------------------
+    def _rollout_metrics(self, rollouts: list[Rollout], scores: dict[str, Any], metrics: dict[str, float]
+                         ) -> dict[str, float]:
+        total = torch.tensor(scores["total"])
+        lengths = torch.tensor([float(len(r.completion_ids)) for r in rollouts])
+        out = {
+            "reward/mean": float(total.mean()),
+            "reward/std": float(total.std()) if total.numel() > 1 else 0.0,
+            "completion/length_mean": float(lengths.mean()),
+            "completion/length_max": float(lengths.max()),
+            "completion/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+            "tokens_per_s": float(lengths.sum()) / max(metrics.get("time/generate", 0.0), 1e-9),
+        }
+        for name, values in scores["breakdown"].items():
+            valid = [v for v in values if v is not None]
+            if valid:
+                out[f"reward/{name}"] = sum(valid) / len(valid)
+        stats = getattr(self.policy, "routing_stats", None)
+        if callable(stats):
+            for layer, counts in stats().items():
+                counts = counts.float()
+                out[f"moe/layer{layer}_max_load"] = float(counts.max() / counts.mean().clamp(min=1e-9))
+            self.policy.reset_routing_stats()
+        return out
+
+    # -- checkpointing ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: policy, reference, optimizer, schedule, RNG and step."""
+        return {
+            "policy": self.policy.state_dict(),
+            "ref_model": None if self.ref_model is None else self.ref_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step_count,
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        if self.ref_model is not None and state["ref_model"] is not None:
+            self.ref_model.load_state_dict(state["ref_model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = state["step"]
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.sync_weights()
+
+
+class _PhaseTimer:
+    """Context manager factory that adds the wall time of each phase to ``metrics["time/<phase>"]``."""
+
+    def __init__(self, metrics: dict[str, float]) -> None:
+        self.metrics = metrics
+
+    def __call__(self, phase: str) -> _PhaseTimer._Span:
+        return _PhaseTimer._Span(self.metrics, phase)
+
+    class _Span:
+        def __init__(self, metrics: dict[str, float], phase: str) -> None:
+            self.metrics, self.key = metrics, f"time/{phase}"
+
+        def __enter__(self) -> None:
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc: object) -> None:
+            self.metrics[self.key] = self.metrics.get(self.key, 0.0) + time.perf_counter() - self.start

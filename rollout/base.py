@@ -1,0 +1,145 @@
+"""The rollout engine interface: sampling settings, the rollout record, the engine ABC and its registry.
+
+Every engine (the built-in PyTorch engine, vLLM) takes token ids and returns ``len(prompts) * n`` rollouts with
+the ``n`` samples of a prompt contiguous, each carrying the per-token log-probs of the sampled tokens under the
+sampling distribution (after temperature, before top-p/top-k truncation, which is what the GRPO ratio needs for
+``temperature`` sampling; see :class:`SamplingConfig`). Backends are registered as dotted paths and imported only
+when built, so importing :mod:`rollout` never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from grpo.registry import Registry
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample completions.
+
+    Attributes:
+        n: Samples per prompt (GRPO's G).
+        max_tokens: Maximum new tokens per sample.
+        temperature: Softmax temperature; 0 means greedy.
+        top_p: Nucleus mass kept (1.0 keeps all).
+        top_k: Keep the k most likely tokens (0 or -1 keeps all).
+        stop_token_ids: Token ids that end a sample (kept in the completion). The tokenizer's eos is added by the
+            engine when it knows it.
+        stop: Strings that end a sample (the completion is cut after the stop string's last token).
+        seed: Seed for reproducible sampling; None draws from the global generator.
+        logprobs: Whether to return per-token log-probs of the sampled tokens.
+    """
+
+    n: int = 1
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("n", self.n >= 1, "an integer >= 1"),
+            ("max_tokens", self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", self.temperature >= 0.0, "a float >= 0 (0 = greedy)"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "a float in (0, 1]"),
+            ("top_k", self.top_k >= -1, "an integer >= -1 (0 or -1 = off)"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"SamplingConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Rollout:
+    """One sampled completion.
+
+    Attributes:
+        prompt_ids: Prompt token ids (no padding).
+        completion_ids: Sampled token ids, including a final stop token when ``finish_reason == "stop"``.
+        logprobs: Per completion token, the log-prob of the sampled token under ``softmax(logits / T)`` (``T``
+            the temperature, 1 for greedy), before top-k/top-p truncation: with ``T = 1`` these are the model's
+            own forward log-probs. ``len(logprobs) == len(completion_ids)``; empty when not requested.
+        finish_reason: ``"stop"`` (a stop token or string) or ``"length"`` (``max_tokens`` reached).
+        text: The decoded completion (empty when the engine has no tokenizer).
+        prompt_index: Index of the prompt in the ``generate`` call.
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    text: str = ""
+    prompt_index: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RolloutEngine(abc.ABC):
+    """A generation backend the trainer drives: generate, take new weights, sleep and wake."""
+
+    @abc.abstractmethod
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
+        """Samples ``sampling.n`` completions for each prompt.
+
+        Args:
+            prompt_token_ids: One list of token ids per prompt.
+            sampling: Sampling settings.
+
+        Returns:
+            ``len(prompt_token_ids) * sampling.n`` rollouts; the ``n`` samples of prompt ``i`` are at
+            ``[i * n, (i + 1) * n)``.
+        """
+
+    @abc.abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Loads new weights given as (Hugging Face parameter name, tensor) pairs, possibly in several buckets.
+
+        After the call the engine must sample exactly as a fresh engine built from the same weights would.
+        """
+
+    def sleep(self) -> None:  # noqa: B027 - optional hook with a sensible default
+        """Frees the engine's memory (KV cache, and weights where the backend can) until :meth:`wake_up`."""
+
+    def wake_up(self) -> None:  # noqa: B027
+        """Restores what :meth:`sleep` freed."""
+
+    @property
+    def is_sleeping(self) -> bool:
+        return False
+
+
+ENGINES: Registry[str] = Registry("rollout engine")
+ENGINES.register_lazy("torch", "rollout.torch_engine:TorchEngine")
+ENGINES.register_lazy("vllm", "rollout.vllm_engine:VLLMEngine")
+
+
+def build_engine(name: str, model_or_path: Any, **kwargs: Any) -> RolloutEngine:
+    """Builds a registered engine.
+
+    Args:
+        name: ``"torch"``, ``"vllm"`` or another registered name.
+        model_or_path: A model object (torch engine) or a Hugging Face checkpoint folder.
+        **kwargs: Backend options (tokenizer, device, dtype, ...).
+
+    Raises:
+        KeyError: for an unknown engine name, listing the known ones.
+    """
+    engine_cls = ENGINES.get(name)
+    return engine_cls(model_or_path, **kwargs)

@@ -1,0 +1,280 @@
+"""The built-in PyTorch rollout engine: batched sampling of ``B * n`` completions with a KV cache.
+
+How it stays fast on small hardware:
+- every prompt is prefilled once, then its cache rows are shared by its ``n`` samples (``index_select``);
+- all rows decode together, one token per step, left-padded with an attention mask;
+- rows that finish are dropped from the batch (and from the cache), so they stop costing compute;
+- our DeepSeek models decode through the absorbed MLA path over the latent cache (``d_c + d_h^R`` values per token
+  per layer); any other Hugging Face causal LM decodes through its own ``DynamicCache``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from rollout.base import Rollout, RolloutEngine, SamplingConfig
+from rollout.sampling import sample_next
+
+
+class _DecodeBackend(Protocol):
+    """One cache-holding model adapter the decode loop drives."""
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+                ) -> torch.Tensor: ...
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+             ) -> torch.Tensor: ...
+
+    def select(self, rows: torch.Tensor) -> None: ...
+
+
+class _HFBackend:
+    """Any transformers causal LM, decoding through its ``DynamicCache``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.cache: Any = None
+
+    def _forward(self, input_ids, attention_mask, position_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]  # [B, V]
+
+    def prefill(self, input_ids, attention_mask, position_ids):
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=getattr(self.model, "config", None))
+        return self._forward(input_ids, attention_mask, position_ids)
+
+    def step(self, tokens, attention_mask, position_ids):
+        return self._forward(tokens[:, None], attention_mask, position_ids)
+
+    def select(self, rows):
+        self.cache.reorder_cache(rows)
+
+
+class _LatentBackend:
+    """Our DeepSeek model, decoding through the absorbed MLA path over a preallocated latent cache."""
+
+    def __init__(self, model: nn.Module, max_len: int) -> None:
+        self.model = model
+        self.max_len = max_len
+        self.cache: Any = None
+
+    def prefill(self, input_ids, attention_mask, position_ids):
+        from model import LatentKVCache
+
+        param = next(self.model.parameters())
+        self.cache = LatentKVCache(self.model.config, batch_size=input_ids.shape[0], max_len=self.max_len,
+                                   dtype=param.dtype, device=param.device)
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=self.cache,
+                         logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def step(self, tokens, attention_mask, position_ids):
+        out = self.model(tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                         cache=self.cache, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def select(self, rows):
+        self.cache = self.cache.index_select(rows)
+
+
+def _is_ours(model: nn.Module) -> bool:
+    from model import DeepSeekForCausalLM
+
+    return isinstance(model, DeepSeekForCausalLM)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pads prompts into one batch.
+
+    Returns:
+        ``input_ids [B, L]``, ``attention_mask [B, L]`` (1 = token) and ``position_ids [B, L]`` (counting from 0
+        at each prompt's first real token; pads get position 0).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt must have at least one token")
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, length - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+class TorchEngine(RolloutEngine):
+    """Samples from an in-memory model (ours or any transformers causal LM).
+
+    Args:
+        model: A model object, or a checkpoint folder (ours is loaded with :mod:`model`, others with
+            ``AutoModelForCausalLM``).
+        tokenizer: Used to decode texts, to find eos/pad ids and for stop strings; optional.
+        device: Where to run; defaults to the model's device.
+        dtype: Optional dtype to cast the model to.
+    """
+
+    def __init__(self, model: nn.Module | str, tokenizer: Any = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        if isinstance(model, str):
+            model, tokenizer = _load(model, tokenizer)
+        self.model = model.eval()
+        if dtype is not None or device is not None:
+            self.model.to(device=device, dtype=dtype)
+        self.tokenizer = tokenizer
+        self.device = next(self.model.parameters()).device
+        self._sleeping = False
+        self._offloaded: str | None = None
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def _stop_ids(self, sampling: SamplingConfig) -> set[int]:
+        ids = set(sampling.stop_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(getattr(self.model, "config", None), "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+        return ids
+
+    def _pad_id(self) -> int:
+        for src in (self.tokenizer, getattr(self.model, "config", None)):
+            pad = getattr(src, "pad_token_id", None)
+            if isinstance(pad, int):
+                return pad
+        return 0
+
+    def _hits_stop_string(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
+        tail = self.tokenizer.decode(tokens[-64:], skip_special_tokens=False)
+        return any(s in tail for s in stops)
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
+        if self._sleeping:
+            raise RuntimeError("the engine is asleep: call wake_up() before generate()")
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError("SamplingConfig.stop (stop strings) needs an engine built with a tokenizer")
+        n, stop_ids = sampling.n, self._stop_ids(sampling)
+        ids, mask, pos = left_pad(prompt_token_ids, self._pad_id(), self.device)
+        backend: _DecodeBackend = (_LatentBackend(self.model, ids.shape[1] + sampling.max_tokens)
+                                   if _is_ours(self.model) else _HFBackend(self.model))
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+
+        logits = backend.prefill(ids, mask, pos)  # [B, V]
+        rows = torch.arange(len(prompt_token_ids), device=self.device).repeat_interleave(n)  # [B*n]
+        backend.select(rows)
+        logits, mask, next_pos = logits[rows], mask[rows], pos[rows, -1] + 1
+        active = torch.arange(rows.numel(), device=self.device)  # global sample index of each live row
+        completions: list[list[int]] = [[] for _ in range(rows.numel())]
+        logprobs: list[list[float]] = [[] for _ in range(rows.numel())]
+        finish: list[str] = ["length"] * rows.numel()
+        stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+
+        for step in range(sampling.max_tokens):
+            tokens, lps = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+            done = torch.isin(tokens, stop_tensor)
+            for r, (g, t, lp) in enumerate(zip(active.tolist(), tokens.tolist(), lps.tolist())):
+                completions[g].append(t)
+                logprobs[g].append(lp)
+                if sampling.stop and not done[r] and self._hits_stop_string(completions[g], sampling.stop):
+                    done[r] = True
+            for g in active[done].tolist():
+                finish[g] = "stop"
+            if step == sampling.max_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                backend.select(keep)
+                tokens, mask, next_pos, active = tokens[keep], mask[keep], next_pos[keep], active[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = backend.step(tokens, mask, next_pos[:, None])
+            next_pos = next_pos + 1
+
+        return [
+            Rollout(
+                prompt_ids=list(prompt_token_ids[g // n]),
+                completion_ids=completions[g],
+                logprobs=logprobs[g] if sampling.logprobs else [],
+                finish_reason=finish[g],  # type: ignore[arg-type]
+                text=self._decode(completions[g], stop_ids),
+                prompt_index=g // n,
+            )
+            for g in range(rows.numel())
+        ]
+
+    def _decode(self, tokens: list[int], stop_ids: set[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        while tokens and tokens[-1] in stop_ids:
+            tokens = tokens[:-1]
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    # -- weights and memory -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies (HF name, tensor) pairs into the engine's model in place; unknown names are an error."""
+        if self._sleeping:
+            raise RuntimeError("the engine is asleep: call wake_up() before update_weights()")
+        loader = getattr(self.model, "load_hf_weights", None)
+        if loader is not None:
+            loader(named_tensors)
+            return
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"update_weights: the engine's model has no parameter {name!r}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"update_weights: {name!r} expects shape {tuple(params[name].shape)}, "
+                                 f"got {tuple(tensor.shape)}")
+            params[name].copy_(tensor)
+
+    def sleep(self) -> None:
+        """Moves the weights to CPU (on an accelerator) and frees cached device memory."""
+        if self._sleeping:
+            return
+        if self.device.type != "cpu":
+            self.model.to("cpu")
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
+        self._sleeping = True
+
+    def wake_up(self) -> None:
+        if not self._sleeping:
+            return
+        self.model.to(self.device)
+        self._sleeping = False
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._sleeping
+
+
+def _load(path: str, tokenizer: Any) -> tuple[nn.Module, Any]:
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if cfg.get("model_type") in ("deepseek_v2", "deepseek_v3"):
+        from model import DeepSeekForCausalLM
+
+        model = DeepSeekForCausalLM.from_pretrained(path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -158,7 +158,7 @@ class GRPOTrainer:
         """Keeps the MoE balance losses of the policy's last forward (our models return them)."""
         self._aux_losses = getattr(output, "aux_losses", None) or {}
 
-    # -- schedule ---------------------------------------------------------------------------------------------
+    # -- schedule ----------------------------------------------------------------------------------------
     def _lr_factor(self, opt_step: int) -> float:
         cfg = self.config
         if opt_step < cfg.warmup_steps:
@@ -264,7 +264,7 @@ class GRPOTrainer:
             raise ValueError(f"the reward returned {len(total)} values for {len(rollouts)} completions")
         return {"total": [0.0 if t is None else float(t) for t in total], "breakdown": breakdown}
 
-    # -- tensors --------------------------------------------------------------------------------------------------
+    # -- tensors ----------------------------------------------------------------------------------------
     def _trajectories(self, rollouts: list[Rollout], advantages: Tensor, rewards: Tensor) -> Trajectories:
         ids, attn, comp = pad_trajectories([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts],
                                            self.pad_id)
@@ -298,7 +298,7 @@ class GRPOTrainer:
             batch = batch.replace(ref_logp=self._batched_logprobs(self.ref_model, batch))
         return batch
 
-    # -- update -----------------------------------------------------------------------------------------------------
+    # -- update ----------------------------------------------------------------------------------------
     def _update(self, batch: Trajectories) -> dict[str, float]:
         cfg = self.config
         self.policy.train()
@@ -352,14 +352,14 @@ class GRPOTrainer:
             return torch.zeros(())
         return self.config.moe_aux_coef * sum(self._aux_losses.values(), torch.zeros(()))
 
-    # -- weights -------------------------------------------------------------------------------------------------------
+    # -- weights ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def sync_weights(self, bucket_bytes: int = 64 << 20) -> None:
         """Pushes the policy's weights to the engine in buckets."""
         for bucket in bucketed(hf_named_tensors(self.policy), bucket_bytes):
             self.engine.update_weights(bucket)
 
-    # -- metrics ---------------------------------------------------------------------------------------------------------
+    # -- metrics ----------------------------------------------------------------------------------------
     def _rollout_metrics(self, rollouts: list[Rollout], scores: dict[str, Any], metrics: dict[str, float]
                          ) -> dict[str, float]:
         total = torch.tensor(scores["total"])
@@ -384,7 +384,7 @@ class GRPOTrainer:
             self.policy.reset_routing_stats()
         return out
 
-    # -- checkpointing ---------------------------------------------------------------------------------------------------
+    # -- checkpointing ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: policy, reference, optimizer, schedule, RNG and step."""
         return {

@@ -31,6 +31,7 @@ class GRPOConfig:
         kl: KL estimator, ``k1``, ``k2`` or ``k3``.
         clip_low: ε_low of the ratio clip.
         clip_high: ε_high (DAPO clip-higher uses e.g. 0.28).
+        clip_ratio_c: Dual-clip bound for negative advantages (e.g. 3.0); None turns it off.
         loss_agg: Aggregation mode of :func:`grpo.losses.agg_loss`.
         policy_loss: Registered policy-loss variant (``vanilla``, ``gspo``).
         advantage: Registered advantage estimator (``grpo``, ``dr_grpo``, ``rloo``).
@@ -63,6 +64,7 @@ class GRPOConfig:
     kl: str = "k3"
     clip_low: float = 0.2
     clip_high: float = 0.2
+    clip_ratio_c: float | None = None
     loss_agg: str = "seq-mean-token-mean"
     policy_loss: str = "vanilla"
     advantage: str = "grpo"
@@ -90,6 +92,8 @@ class GRPOConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 (or None), got {self.clip_ratio_c!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         batch = self.prompts_per_step * self.group_size

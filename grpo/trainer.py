@@ -318,6 +318,7 @@ class GRPOTrainer:
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         total_tokens = mini.completion_mask.sum().clamp(min=1)
+        total_rows = (mini.completion_mask.sum(1) > 0).sum().clamp(min=1)  # seq-mean modes skip empty rows
         stats: dict[str, float] = {}
         for start in range(0, len(mini.rewards), cfg.micro_batch_size):
             micro = mini.select(torch.arange(start, min(start + cfg.micro_batch_size, len(mini.rewards))))
@@ -325,12 +326,13 @@ class GRPOTrainer:
             if cfg.loss_agg == "token-mean":
                 weight = micro.completion_mask.sum() / total_tokens
             else:
-                weight = torch.tensor(len(micro.rewards) / len(mini.rewards))
+                weight = (micro.completion_mask.sum(1) > 0).sum() / total_rows
             logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
             old = micro.old_logp if micro.old_logp is not None else logp.detach()
             loss, m = policy_loss(logp, old, micro.advantages, micro.completion_mask, clip_low=cfg.clip_low,
                                   clip_high=cfg.clip_high, ref_logp=micro.ref_logp, beta=cfg.beta, kl=cfg.kl,
-                                  agg=cfg.loss_agg, variant=cfg.policy_loss, max_len=cfg.max_new_tokens)
+                                  agg=cfg.loss_agg, variant=cfg.policy_loss, max_len=cfg.max_new_tokens,
+                                  clip_ratio_c=cfg.clip_ratio_c)
             aux = self._moe_aux_loss()
             ((loss + aux) * weight).backward()
             mask = micro.completion_mask.bool()

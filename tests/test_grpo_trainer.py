@@ -62,11 +62,13 @@ def test_one_step_changes_every_parameter_and_syncs_engine():
         assert key in metrics, key
 
 
-def test_micro_batch_accumulation_equals_one_pass():
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_micro_batch_accumulation_equals_one_pass(mask_truncated):
     for agg in ("token-mean", "seq-mean-token-mean"):
         grads = []
         for micro in (16, 4):
-            trainer = make_trainer(seed=1, micro_batch_size=micro, loss_agg=agg, max_grad_norm=0.0)
+            trainer = make_trainer(seed=1, micro_batch_size=micro, loss_agg=agg, max_grad_norm=0.0,
+                                   mask_truncated=mask_truncated, max_new_tokens=3)
             torch.manual_seed(0)
             rollouts = trainer.generate(PROMPT_ROWS[:4])
             scores = trainer.score(PROMPT_ROWS[:4], rollouts)

@@ -1,0 +1,120 @@
+"""Final-answer extraction and equivalence for math-style rewards.
+
+Extraction (:func:`extract_answer`) tries, in order, and takes the first that matches:
+
+1. the last complete ``<answer>...</answer>`` block; inside it the last ``\\boxed{...}`` if there is one, else
+   the block's text;
+2. the last ``\\boxed{...}`` (or ``\\fbox{...}``) with balanced, possibly nested, braces;
+3. GSM8K's ``#### n``: the rest of the last such line;
+4. a bare number: the whole text (stripped, an optional trailing period removed) is an integer, a decimal, a
+   fraction ``a/b`` or uses thousands separators (``1,234``), as in the arithmetic toy task.
+
+Anything else has no extractable answer (``None``). Equivalence (:func:`answers_match`) first compares exact
+numbers (``Fraction``: ``0.5 == 1/2``), then asks ``math-verify`` (LaTeX and expressions:
+``\\frac{3}{4} == 0.75``, ``2\\sqrt{2} == \\sqrt{8}``). math-verify guards its parsing with ``SIGALRM`` timeouts,
+which only work in the main thread; elsewhere they are disabled.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from fractions import Fraction
+
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_GSM8K = re.compile(r"####\s*([^\n]*)")
+_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*[+-]?\d+)?|[+-]?\.\d+")
+MATH_VERIFY_TIMEOUT_S = 5
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` with balanced braces, or ``None``.
+
+    Example:
+        >>> last_boxed(r"so \\boxed{\\frac{1}{2}} and \\boxed{x^{2}}")
+        'x^{2}'
+    """
+    for match in reversed(list(_BOXED.finditer(text))):
+        depth, start = 1, match.end()
+        for pos in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[pos], 0)
+            if depth == 0:
+                return text[start:pos].strip()
+    return None
+
+
+def _bare_number(text: str) -> str | None:
+    candidate = text.strip().removesuffix(".").strip()
+    return candidate if candidate and _NUMBER.fullmatch(candidate) else None
+
+
+def extract_answer(text: str) -> str | None:
+    """Extracts the final answer of a completion (see the module docstring for the order), or ``None``.
+
+    Example:
+        >>> extract_answer("<think>2+2</think><answer>\\\\boxed{4}</answer>"), extract_answer("#### 1,000")
+        ('4', '1,000')
+    """
+    blocks = _ANSWER_BLOCK.findall(text)
+    if blocks:
+        block = blocks[-1]
+        boxed = last_boxed(block)
+        answer = boxed if boxed is not None else block.strip()
+        return answer or None
+    boxed = last_boxed(text)
+    if boxed:
+        return boxed
+    gsm8k = _GSM8K.findall(text)
+    if gsm8k and gsm8k[-1].strip():
+        return gsm8k[-1].strip()
+    return _bare_number(text)
+
+
+def gold_answer(answer: object) -> str:
+    """Normalises a reference answer: numbers become strings; a GSM8K solution keeps what follows ``####``."""
+    text = str(answer).strip()
+    gsm8k = _GSM8K.findall(text)
+    if gsm8k and gsm8k[-1].strip():
+        return gsm8k[-1].strip()
+    boxed = last_boxed(text)
+    return boxed if boxed is not None else text
+
+
+def _as_fraction(text: str) -> Fraction | None:
+    candidate = _bare_number(text.strip().strip("$").strip())
+    if candidate is None:
+        return None
+    try:
+        return Fraction(candidate.replace(",", "").replace(" ", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _math_verify_parse(text: str, timeout: int | None) -> list:
+    from math_verify import parse
+
+    parsed = parse(f"${text}$", parsing_timeout=timeout)
+    return parsed if parsed else parse(text, parsing_timeout=timeout)
+
+
+def answers_match(predicted: str, gold: str) -> bool:
+    """Whether two final answers are mathematically equivalent.
+
+    Example:
+        >>> answers_match("3/4", "0.75"), answers_match(r"\\frac{1}{2}", "0.5"), answers_match("2", "3")
+        (True, True, False)
+    """
+    if predicted.strip() == gold.strip():
+        return True
+    p, g = _as_fraction(predicted), _as_fraction(gold)
+    if p is not None and g is not None:
+        return p == g
+    from math_verify import verify
+
+    timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = _math_verify_parse(gold, timeout)
+    pred_parsed = _math_verify_parse(predicted, timeout)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))

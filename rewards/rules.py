@@ -1,0 +1,125 @@
+"""Rule-based rewards: ``accuracy``, ``format`` and ``overlong`` (DAPO's soft length penalty).
+
+Each follows the reward protocol ``f(prompts, completions, **columns) -> list[float | None]``; completions may be
+strings or chat-message lists.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rewards.answers import answers_match, extract_answer, gold_answer
+from rewards.protocol import column_value, completion_texts
+
+
+def accuracy(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+    """1.0 when the completion's final answer equals the ``answer`` column, else 0.0.
+
+    The answer is extracted from ``<answer>`` tags, ``\\boxed{}``, GSM8K's ``#### n`` or a bare number (see
+    :mod:`rewards.answers`) and compared up to mathematical equivalence (``\\boxed{3/4}`` matches ``0.75``). A
+    completion without an extractable answer scores 0.0.
+
+    Example:
+        >>> accuracy(["q", "q"], ["<answer>\\\\frac{1}{2}</answer>", "no idea"], answer=["0.5", "0.5"])
+        [1.0, 0.0]
+
+    Raises:
+        KeyError: without an ``answer`` column.
+    """
+    texts = completion_texts(completions)
+    scores: list[float | None] = []
+    for i, text in enumerate(texts):
+        gold = gold_answer(column_value(columns, "answer", i, len(texts)))
+        predicted = extract_answer(text)
+        scores.append(1.0 if predicted is not None and answers_match(predicted, gold) else 0.0)
+    return scores
+
+
+_FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def format_reward(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+    """1.0 when the completion is exactly ``<think>...</think><answer>...</answer>``, else 0.0.
+
+    Whitespace is allowed around and between the two blocks; nothing else is. Each tag must appear exactly once
+    and the answer must not be empty.
+
+    Example:
+        >>> format_reward(["q"] * 3, ["<think>a</think> <answer>1</answer>", "<answer>1</answer>",
+        ...                           "<think>a</think><answer>1</answer> extra"])
+        [1.0, 0.0, 0.0]
+    """
+    scores: list[float | None] = []
+    for text in completion_texts(completions):
+        match = _FORMAT.fullmatch(text)
+        ok = match is not None and all(text.count(tag) == 1 for tag in _TAGS) and match["answer"].strip() != ""
+        scores.append(1.0 if ok else 0.0)
+    return scores
+
+
+format_reward.__name__ = "format"
+
+
+@dataclass(frozen=True)
+class OverlongReward:
+    """DAPO's soft overlong penalty.
+
+    With ``L = max_length`` and ``C = cache_length``, a completion of length ``n`` scores ``0`` when
+    ``n <= L - C``, ``((L - C) - n) / C`` (linear from 0 to -1) when ``L - C < n <= L``, and ``-1`` when
+    ``n > L``.
+
+    Length is counted in tokens when the batch has a ``completion_ids`` column (TRL passes one) or when a
+    ``tokenizer`` is configured (``tokenizer.encode(text, add_special_tokens=False)``); otherwise in characters
+    of the completion text.
+
+    Attributes:
+        max_length: ``L``, the length beyond which the penalty is -1.
+        cache_length: ``C``, the width of the soft window (0 makes it a hard cut at ``L``).
+        tokenizer: Optional tokenizer to count tokens.
+
+    Example:
+        >>> OverlongReward(max_length=10, cache_length=4)(["q"] * 3, ["x" * 6, "x" * 8, "x" * 11])
+        [0.0, -0.5, -1.0]
+    """
+
+    max_length: int
+    cache_length: int
+    tokenizer: Any = None
+    name: str = "overlong"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"overlong: max_length must be a positive integer, got {self.max_length!r}")
+        if (isinstance(self.cache_length, bool) or not isinstance(self.cache_length, int)
+                or not 0 <= self.cache_length <= self.max_length):
+            raise ValueError(
+                f"overlong: cache_length must be an integer in [0, max_length={self.max_length}], "
+                f"got {self.cache_length!r}"
+            )
+        if self.tokenizer is not None and not hasattr(self.tokenizer, "encode"):
+            raise TypeError(f"overlong: tokenizer must have an encode() method, got {type(self.tokenizer).__name__}")
+
+    def penalty(self, length: int) -> float:
+        """The penalty of a completion of ``length`` tokens (or characters)."""
+        soft_start = self.max_length - self.cache_length
+        if length <= soft_start:
+            return 0.0
+        if length <= self.max_length:
+            return (soft_start - length) / self.cache_length
+        return -1.0
+
+    def lengths(self, completions: Sequence[Any], columns: dict[str, Any]) -> list[int]:
+        """Length of each completion: ``completion_ids``, else the tokenizer, else characters."""
+        if "completion_ids" in columns:
+            return [len(column_value(columns, "completion_ids", i, len(completions))) for i in range(len(completions))]
+        texts = completion_texts(completions)
+        if self.tokenizer is not None:
+            return [len(self.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+        return [len(t) for t in texts]
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+        return [self.penalty(n) for n in self.lengths(completions, columns)]

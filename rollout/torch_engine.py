@@ -10,7 +10,8 @@ How it stays fast on small hardware:
 
 from __future__ import annotations
 
-import contextlib
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -133,7 +134,6 @@ class TorchEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.device = next(self.model.parameters()).device
         self._sleeping = False
-        self._offloaded: str | None = None
 
     # -- generation -------------------------------------------------------------------------------------------
     def _stop_ids(self, sampling: SamplingConfig) -> set[int]:
@@ -242,19 +242,23 @@ class TorchEngine(RolloutEngine):
             params[name].copy_(tensor)
 
     def sleep(self) -> None:
-        """Moves the weights to CPU (on an accelerator) and frees cached device memory."""
+        """Frees the engine's weights until :meth:`wake_up`: to CPU memory on an accelerator, to a scratch
+        folder on a CPU-only machine (see :mod:`grpo.offload`)."""
         if self._sleeping:
             return
-        if self.device.type != "cpu":
-            self.model.to("cpu")
-            with contextlib.suppress(Exception):
-                torch.cuda.empty_cache()
+        from grpo.offload import Offloader
+
+        self._scratch = tempfile.mkdtemp(prefix="grpo-engine-")
+        self._offloader = Offloader(self.model, None, folder=self._scratch)
+        self._offloader.offload("auto")
         self._sleeping = True
 
     def wake_up(self) -> None:
+        """Restores the weights exactly as they were before :meth:`sleep`."""
         if not self._sleeping:
             return
-        self.model.to(self.device)
+        self._offloader.onload()
+        shutil.rmtree(self._scratch, ignore_errors=True)
         self._sleeping = False
 
     @property

@@ -119,14 +119,17 @@ def test_update_weights_matches_fresh_engine():
         engine.update_weights([("lm_head.weight", torch.zeros(2, 2))])
 
 
-def test_sleep_refuses_generation_until_woken():
+def test_sleep_frees_weights_and_wake_up_restores_them():
     engine = TorchEngine(tiny_llama())
+    cfg = SamplingConfig(n=2, max_tokens=6, seed=0)
+    before = [o.completion_ids for o in engine.generate(PROMPTS, cfg)]
     engine.sleep()
     assert engine.is_sleeping
+    assert all(p.numel() == 0 for p in engine.model.parameters())  # CPU: weights went to a scratch folder
     with pytest.raises(RuntimeError, match="asleep"):
         engine.generate(PROMPTS, SamplingConfig())
     engine.wake_up()
-    assert len(engine.generate(PROMPTS[:1], SamplingConfig(max_tokens=2))) == 1
+    assert [o.completion_ids for o in engine.generate(PROMPTS, cfg)] == before
 
 
 def test_unknown_engine_name():

@@ -1,0 +1,205 @@
+"""Training a reward model on preference pairs with the Bradley-Terry loss.
+
+A preference pair is ``{"prompt", "chosen", "rejected"}`` (strings or chat-message lists, as for rewards). Each
+step scores the ``N`` chosen and ``N`` rejected conversations in one forward pass of ``2N`` sequences and
+minimises ``mean(-log sigmoid(r_chosen - r_rejected))`` with AdamW. Evaluation reports pairwise accuracy: the
+share of held-out pairs with ``r_chosen > r_rejected`` (ties count as wrong).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rewards.reward_model import RewardModel, bradley_terry_loss, encode, score_pairs_texts
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class RewardModelTrainConfig:
+    """Reward-model training.
+
+    Attributes:
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        epochs: Passes over the training pairs.
+        batch_size: Pairs per step.
+        max_length: Longest sequence (longer ones keep their last tokens).
+        max_grad_norm: Gradient-norm clip (``None``: no clipping).
+        warmup_steps: Linear learning-rate warm-up steps.
+        seed: Seed of the shuffling.
+        device: Where to train.
+        eval_batch_size: Pairs per evaluation batch.
+        progress: Show a tqdm progress bar.
+    """
+
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 8
+    max_length: int = 1024
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 32
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+
+
+@dataclass(frozen=True)
+class RewardModelTrainResult:
+    """What training did.
+
+    Attributes:
+        losses: Loss of every step.
+        steps: Optimizer steps taken.
+        seconds: Wall time of the training loop.
+        eval_accuracy: Pairwise accuracy on the held-out pairs (``None`` without them).
+        eval_accuracy_before: The same before training.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    eval_accuracy: float | None = None
+    eval_accuracy_before: float | None = None
+
+
+def check_pairs(pairs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Validates preference pairs (rows of a list or a ``datasets.Dataset``).
+
+    Raises:
+        ValueError: naming the row and the missing field.
+    """
+    rows = []
+    for i, row in enumerate(pairs):
+        missing = [f for f in PAIR_FIELDS if f not in row]
+        if missing:
+            raise ValueError(f"preference pair {i} lacks field(s) {missing}; expected {list(PAIR_FIELDS)}")
+        rows.append({f: row[f] for f in PAIR_FIELDS})
+    if not rows:
+        raise ValueError("no preference pairs")
+    return rows
+
+
+def _pair_batch(model: RewardModel, tokenizer: Any, batch: Sequence[Mapping[str, Any]], max_length: int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and rejected sides of a batch, ``[N]`` each, in one forward pass."""
+    prompts = [row["prompt"] for row in batch] * 2
+    completions = [row["chosen"] for row in batch] + [row["rejected"] for row in batch]
+    texts, templated = score_pairs_texts(tokenizer, prompts, completions)
+    ids, mask = encode(tokenizer, texts, max_length, add_special_tokens=not templated)  # [2N, T]
+    device = next(model.parameters()).device
+    scores = model(ids.to(device), mask.to(device))  # [2N]
+    return scores[: len(batch)], scores[len(batch) :]
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: RewardModel, tokenizer: Any, pairs: Iterable[Mapping[str, Any]],
+                      batch_size: int = 32, max_length: int = 1024) -> float:
+    """Share of pairs with ``r_chosen > r_rejected``."""
+    rows = check_pairs(pairs)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            chosen, rejected = _pair_batch(model, tokenizer, rows[start : start + batch_size], max_length)
+            correct += int((chosen > rejected).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(rows)
+
+
+def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable[Mapping[str, Any]],
+                       config: RewardModelTrainConfig | None = None,
+                       eval_pairs: Iterable[Mapping[str, Any]] | None = None) -> RewardModelTrainResult:
+    """Trains ``model`` in place with the Bradley-Terry loss and AdamW.
+
+    Args:
+        model: The reward model (moved to ``config.device``).
+        tokenizer: Its tokenizer.
+        train_pairs: Preference pairs ``{"prompt", "chosen", "rejected"}``.
+        config: Hyper-parameters.
+        eval_pairs: Held-out pairs for pairwise accuracy before and after training.
+
+    Returns:
+        Per-step losses, steps, time and held-out accuracy.
+    """
+    config = config or RewardModelTrainConfig()
+    rows = check_pairs(train_pairs)
+    held_out = check_pairs(eval_pairs) if eval_pairs is not None else None
+    model.to(config.device)
+
+    def accuracy() -> float | None:
+        if not held_out:
+            return None
+        return pairwise_accuracy(model, tokenizer, held_out, config.eval_batch_size, config.max_length)
+
+    before = accuracy()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+    steps_per_epoch = math.ceil(len(rows) / config.batch_size)
+    rng = random.Random(config.seed)
+    losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    with tqdm(total=config.epochs * steps_per_epoch, desc="reward model", disable=not config.progress) as bar:
+        for _ in range(config.epochs):
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            for first in range(0, len(order), config.batch_size):
+                batch = [rows[i] for i in order[first : first + config.batch_size]]
+                chosen, rejected = _pair_batch(model, tokenizer, batch, config.max_length)
+                loss = bradley_terry_loss(chosen, rejected)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    seconds = time.perf_counter() - start
+    after = accuracy()
+    return RewardModelTrainResult(losses=losses, steps=len(losses), seconds=seconds, eval_accuracy=after,
+                                  eval_accuracy_before=before)
+
+
+def train_reward_model_from_checkpoint(init_path: str | Path, output_path: str | Path,
+                                       train_pairs: Iterable[Mapping[str, Any]],
+                                       config: RewardModelTrainConfig | None = None,
+                                       eval_pairs: Iterable[Mapping[str, Any]] | None = None,
+                                       loader: str = "auto") -> RewardModelTrainResult:
+    """Initialises a reward model from a causal-LM checkpoint, trains it, saves it (with the tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(init_path))
+    model = RewardModel.from_causal_lm(init_path, loader=loader)
+    result = train_reward_model(model, tokenizer, train_pairs, config, eval_pairs)
+    model.save_pretrained(output_path, tokenizer=tokenizer)
+    return result

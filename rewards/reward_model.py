@@ -7,23 +7,24 @@ with ``score = Linear(hidden, 1, bias=False)``; it is trained with the Bradley-T
 causal-LM (SFT) checkpoint: :meth:`RewardModel.from_causal_lm` keeps the decoder and drops the LM head.
 
 Checkpoints use the layout of transformers' ``*ForSequenceClassification`` with ``num_labels=1``: one
-``model.safetensors`` holding ``{base_model_prefix}.*`` backbone weights and ``score.weight``, a ``config.json``
-(the backbone's config with ``architectures=[...ForSequenceClassification]`` when transformers has that class,
-``num_labels=1`` and a ``grpo_reward_model`` entry marking it as a reward model), and the tokenizer files. So
-``AutoModelForSequenceClassification.from_pretrained`` loads it too (pooling by ``pad_token_id`` instead of the
-mask: the same scores with right padding).
+``model.safetensors`` holding the backbone's weights under their Hugging Face names (``model.*``) plus
+``score.weight``, a ``config.json`` (the backbone's config with the matching ``architectures``, ``num_labels=1``
+and a ``grpo_reward_model`` entry marking it as a reward model), and the tokenizer files. So
+``AutoModelForSequenceClassification.from_pretrained`` loads it too (it pools by ``pad_token_id`` rather than
+the mask: the same scores with right padding), and so do serving engines that read that layout.
 
-Backbones come from a loader in :data:`BACKBONE_LOADERS`: ``"auto"`` (``transformers.AutoModel``) or a dotted
-path to a class with ``from_pretrained`` (``"model:DeepSeekForCausalLM"``): a causal LM's decoder is taken with
-``get_decoder()`` (or its ``.model``). Any module whose output has ``last_hidden_state`` ``[B, T, H]`` and whose
-config has ``hidden_size`` works.
+Backbones come from a loader in :data:`BACKBONE_LOADERS` (``"auto"``: ``transformers.AutoModel``) or a dotted
+path to a class with ``from_pretrained`` (``"model:DeepSeekForCausalLM"``, our MLA/MoE policy): a causal LM's
+decoder is taken with ``get_decoder()`` (or ``.model``). Any module whose output has ``last_hidden_state``
+``[B, T, H]`` and whose config has ``hidden_size`` works. A model that names its tensors the Hugging Face way
+(``named_hf_weights()``) is saved under those names and marked for reloading with ``"auto"``, so a reward
+model trained on our policy is served by transformers (or anything that reads the layout) unchanged.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ MARKER = "grpo_reward_model"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 
-BackboneLoader = Callable[..., nn.Module]
-BACKBONE_LOADERS: Registry[BackboneLoader] = Registry("reward-model backbone loader")
+BACKBONE_LOADERS: Registry[Callable[..., nn.Module]] = Registry("reward-model backbone loader")
+"""Loaders ``(path, **kwargs) -> model``: the model is a causal LM (its decoder is used) or a bare backbone."""
+
+NamedTensors = Callable[[], Iterator[tuple[str, torch.Tensor]]]
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -58,17 +61,29 @@ def decoder_of(model: nn.Module) -> nn.Module:
 def _load_auto(path: str | Path, **kwargs: Any) -> nn.Module:
     from transformers import AutoModel
 
-    return decoder_of(AutoModel.from_pretrained(str(path), **kwargs))
+    return AutoModel.from_pretrained(str(path), **kwargs)
 
 
-def load_backbone(path: str | Path, loader: str = "auto", **kwargs: Any) -> nn.Module:
-    """Loads the backbone stored at ``path`` with a registered loader or a dotted class path."""
+def load_backbone(path: str | Path, loader: str = "auto", **kwargs: Any) -> tuple[nn.Module, NamedTensors | None]:
+    """Loads the model stored at ``path`` with a registered loader or a dotted class path.
+
+    Returns:
+        The backbone (the decoder of a causal LM) and, when the loaded model can name its tensors the Hugging
+        Face way (``named_hf_weights()``, as :class:`model.DeepSeekForCausalLM` does), a function yielding the
+        backbone's ``(HF name, tensor)`` pairs without the LM head; else ``None``.
+    """
     if loader in BACKBONE_LOADERS:
-        return BACKBONE_LOADERS.get(loader)(path, **kwargs)
-    cls = import_dotted(loader)
-    if not hasattr(cls, "from_pretrained"):
-        raise TypeError(f"backbone loader {loader!r} must name a registered loader or a class with from_pretrained")
-    return decoder_of(cls.from_pretrained(str(path), **kwargs))
+        loaded = BACKBONE_LOADERS.get(loader)(path, **kwargs)
+    else:
+        cls = import_dotted(loader)
+        if not hasattr(cls, "from_pretrained"):
+            raise TypeError(f"backbone loader {loader!r} must name a registered loader or a class with "
+                            "from_pretrained")
+        loaded = cls.from_pretrained(str(path), **kwargs)
+    backbone = decoder_of(loaded)
+    if hasattr(loaded, "named_hf_weights") and backbone is not loaded:
+        return backbone, lambda: ((n, t) for n, t in loaded.named_hf_weights() if not n.startswith("lm_head."))
+    return backbone, None
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -115,16 +130,20 @@ class RewardModel(nn.Module):
     Args:
         backbone: Module returning an output with ``last_hidden_state`` ``[B, T, H]``; its ``config`` has
             ``hidden_size``.
-        loader: Name of the backbone loader, recorded in checkpoints.
+        loader: Name of the backbone loader, recorded in checkpoints unless the weights are saved with Hugging
+            Face names (then ``"auto"`` reloads them with transformers).
+        hf_weights: Yields the backbone's ``(HF name, tensor)`` pairs, for backbones whose own tensor names
+            differ from the Hugging Face layout (see :func:`load_backbone`).
     """
 
-    def __init__(self, backbone: nn.Module, loader: str = "auto") -> None:
+    def __init__(self, backbone: nn.Module, loader: str = "auto", hf_weights: NamedTensors | None = None) -> None:
         super().__init__()
         hidden = getattr(getattr(backbone, "config", None), "hidden_size", None)
         if not isinstance(hidden, int):
             raise ValueError("the backbone needs a config with an integer hidden_size")
         self.backbone = backbone
         self.loader = loader
+        self._hf_weights = hf_weights
         self.score = nn.Linear(hidden, 1, bias=False)
         std = getattr(backbone.config, "initializer_range", 0.02)
         nn.init.normal_(self.score.weight, std=std)
@@ -153,40 +172,51 @@ class RewardModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, path: str | Path, loader: str = "auto", **kwargs: Any) -> RewardModel:
         """A reward model initialised from a causal-LM checkpoint folder (the LM head is dropped)."""
-        return cls(load_backbone(path, loader, **kwargs), loader=loader)
+        backbone, hf_weights = load_backbone(path, loader, **kwargs)
+        return cls(backbone, loader=loader, hf_weights=hf_weights)
+
+    def _named_weights(self) -> tuple[dict[str, torch.Tensor], bool]:
+        """Tensors to save (backbone with HF names plus ``score.weight``) and whether the names are HF names."""
+        if self._hf_weights is not None:
+            named, hf_names = dict(self._hf_weights()), True
+        else:
+            prefix = getattr(self.backbone, "base_model_prefix", "") or "model"
+            named = {f"{prefix}.{k}": v for k, v in self.backbone.state_dict().items()}
+            hf_names = _is_transformers_model(self.backbone)
+        named["score.weight"] = self.score.weight
+        tensors, seen = {}, set()
+        for key, tensor in named.items():  # safetensors refuses shared or strided storage
+            tensor = tensor.detach()
+            ptr = tensor.untyped_storage().data_ptr()
+            tensors[key] = tensor.clone().contiguous() if ptr in seen or not tensor.is_contiguous() else tensor
+            seen.add(ptr)
+        return tensors, hf_names
 
     def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> None:
-        """Saves weights, config (marked as a reward model) and, if given, the tokenizer to ``path``."""
+        """Saves weights, ``config.json`` (marked as a reward model) and, if given, the tokenizer to ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        prefix = getattr(self.backbone, "base_model_prefix", "") or "model"
-        state = {f"{prefix}.{k}": v for k, v in self.backbone.state_dict().items()}
-        state["score.weight"] = self.score.weight
-        seen: set[int] = set()
-        tensors = {}
-        for key, tensor in state.items():
-            tensor = tensor.detach()
-            shared = tensor.untyped_storage().data_ptr() in seen
-            seen.add(tensor.untyped_storage().data_ptr())
-            tensors[key] = tensor.clone().contiguous() if shared or not tensor.is_contiguous() else tensor
+        tensors, hf_names = self._named_weights()
         save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-        self._reward_config(prefix, tokenizer).save_pretrained(str(path))
+        config = self._config_dict(loader="auto" if hf_names else self.loader, tokenizer=tokenizer)
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
 
-    def _reward_config(self, prefix: str, tokenizer: Any) -> Any:
-        import transformers
+    def _config_dict(self, loader: str, tokenizer: Any) -> dict[str, Any]:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-        config = copy.deepcopy(self.backbone.config)
-        arch = type(self.backbone).__name__.removesuffix("Model") + "ForSequenceClassification"
-        if hasattr(transformers, arch):
-            config.architectures = [arch]
-        config.num_labels = 1
+        config = self.backbone.config
+        out = dict(config.to_hf_dict() if hasattr(config, "to_hf_dict") else config.to_dict())
+        classifier = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(out.get("model_type", ""))
+        if classifier:
+            out["architectures"] = [classifier]
+        out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
-            config.pad_token_id = tokenizer.pad_token_id
-        setattr(config, MARKER, {"format_version": FORMAT_VERSION, "backbone_loader": self.loader,
-                                 "base_model_prefix": prefix, "pooling": "last_non_pad_token"})
-        return config
+            out["pad_token_id"] = tokenizer.pad_token_id
+        out[MARKER] = {"format_version": FORMAT_VERSION, "backbone_loader": loader,
+                       "pooling": "last_non_pad_token", "trained_with": self.loader}
+        return out
 
     @classmethod
     def from_pretrained(cls, path: str | Path, loader: str | None = None, **kwargs: Any) -> RewardModel:
@@ -204,7 +234,8 @@ class RewardModel(nn.Module):
             raise ValueError(f"{path} is not a reward-model checkpoint (config.json has no {MARKER!r} entry); "
                              "to start from a causal LM use RewardModel.from_causal_lm")
         loader = loader or marker.get("backbone_loader", "auto")
-        model = cls(load_backbone(path, loader, **kwargs), loader=loader)
+        backbone, hf_weights = load_backbone(path, loader, **kwargs)
+        model = cls(backbone, loader=loader, hf_weights=hf_weights)
         head = _read_tensor(path, "score.weight")
         with torch.no_grad():
             model.score.weight.copy_(head.to(model.score.weight.dtype))
@@ -226,6 +257,12 @@ class RewardModel(nn.Module):
         finally:
             self.train(was_training)
         return scores
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
 
 
 def _read_tensor(path: Path, key: str) -> torch.Tensor:

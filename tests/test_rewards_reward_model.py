@@ -224,3 +224,33 @@ def test_ray_actor_serves_scores(trained):
     finally:
         ray.shutdown()
     assert scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_deepseek_backbone_plugs_in(tmp_path):
+    """Our MLA/MoE policy as a reward-model backbone: same scores as transformers' DeepSeek-V3 on the same
+    weights, trained with ours, saved with Hugging Face names and loaded back by transformers."""
+    from model import DeepSeekConfig, DeepSeekForCausalLM, build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    DeepSeekForCausalLM(DeepSeekConfig.from_preset("tiny")).save_pretrained(tmp_path / "sft", tokenizer=tok)
+    ours = RewardModel.from_causal_lm(tmp_path / "sft", loader="model:DeepSeekForCausalLM")
+    reference = RewardModel.from_causal_lm(tmp_path / "sft")  # transformers' DeepseekV3Model
+    assert type(ours.backbone).__module__ == "model.modeling" and "transformers" in type(reference.backbone).__module__
+    with torch.no_grad():
+        reference.score.weight.copy_(ours.score.weight)
+    texts = [conversation_text(tok, "What is 3 + 4?", "<answer>7</answer>")[0], "<|user|>hi<eos>"]
+    ids, mask = encode(tok, texts, 64, add_special_tokens=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids, mask), reference.eval()(ids, mask), atol=1e-5, rtol=1e-4)
+    pairs = [{"prompt": "What is 3 + 4?", "chosen": "<answer>7</answer>", "rejected": "<answer>9</answer>"}] * 4
+    train_reward_model(ours, tok, pairs, RewardModelTrainConfig(learning_rate=1e-2, batch_size=4, progress=False))
+    ours.save_pretrained(tmp_path / "rm", tokenizer=tok)
+    back = RewardModel.from_pretrained(tmp_path / "rm")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    with torch.no_grad():
+        expected = ours.eval()(ids, mask)
+        torch.testing.assert_close(back.eval()(ids, mask), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(hf.eval()(input_ids=ids, attention_mask=mask).logits[:, 0], expected,
+                                   atol=1e-5, rtol=1e-4)
+

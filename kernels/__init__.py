@@ -5,7 +5,8 @@ device (``KERNELS_BACKEND=triton|torch`` forces one). Triton is imported only wh
 """
 
 from kernels.dispatch import backend
+from kernels.mla_decode import mla_decode
 from kernels.moe import grouped_mlp, moe_permute, moe_unpermute
 from kernels.token_logprobs import token_logprobs
 
-__all__ = ["backend", "grouped_mlp", "moe_permute", "moe_unpermute", "token_logprobs"]
+__all__ = ["backend", "grouped_mlp", "mla_decode", "moe_permute", "moe_unpermute", "token_logprobs"]

@@ -48,9 +48,7 @@ def validate_permute_args(hidden: torch.Tensor, expert_ids: torch.Tensor, num_ex
         raise ValueError(f"expert_ids must lie in [0, {num_experts})")
 
 
-def validate_unpermute_args(
-    expert_out: torch.Tensor, order: torch.Tensor, routing_weights: torch.Tensor
-) -> None:
+def validate_unpermute_args(expert_out: torch.Tensor, order: torch.Tensor, routing_weights: torch.Tensor) -> None:
     """Raises ValueError naming the bad argument of :func:`moe_unpermute`."""
     if routing_weights.dim() != 2 or not routing_weights.is_floating_point():
         raise ValueError(f"routing_weights must be a float [T, K] tensor, got {tuple(routing_weights.shape)}")
@@ -99,9 +97,7 @@ def torch_moe_permute(
     return permuted, order, tokens_per_expert
 
 
-def torch_moe_unpermute(
-    expert_out: torch.Tensor, order: torch.Tensor, routing_weights: torch.Tensor
-) -> torch.Tensor:
+def torch_moe_unpermute(expert_out: torch.Tensor, order: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
     """Reference un-permutation: invert ``order``, gather each token's K rows, mix in fp32."""
     t, k = routing_weights.shape
     inverse = torch.empty_like(order)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
+
+from kernels.dispatch import interpreter_enabled
 
 
 @dataclass(frozen=True)
@@ -37,9 +41,47 @@ def kernel_test_device() -> torch.device:
 
 
 def use_triton_interpreter_off_gpu() -> None:
-    """Switches Triton's interpreter on when there is no GPU; call before any Triton kernel is imported."""
+    """Switches Triton's interpreter on when there is no GPU; call before ``triton`` is imported."""
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+def triton_runs_in_process() -> bool:
+    """Whether Triton kernels can run in this process: on CUDA, or on CPU under the interpreter.
+
+    Triton decides between compiled and interpreted functions when a function is decorated, its own library
+    (``tl.cdiv``, ``tl.sum``, ...) included. A process that imported ``triton.language`` before
+    ``TRITON_INTERPRET=1`` was set (a test module importing transformers, say) cannot interpret kernels.
+    """
+    if torch.cuda.is_available():
+        return True
+    if not interpreter_enabled():
+        return False
+    if "triton.language" not in sys.modules:
+        return True
+    import triton.language as tl
+
+    return type(tl.cdiv).__name__ == "InterpretedFunction"
+
+
+def require_triton_in_process() -> None:
+    """Skips the calling test when :func:`triton_runs_in_process` is false (a fresh process runs it)."""
+    if not triton_runs_in_process():
+        import pytest
+
+        pytest.skip("triton was imported before TRITON_INTERPRET=1; the fresh-process test runs this one")
+
+
+def run_triton_tests_in_fresh_process(test_file: str, keyword: str = "triton and not fresh_process") -> None:
+    """Runs the ``keyword`` tests of ``test_file`` in a new interpreter with ``TRITON_INTERPRET=1``.
+
+    Raises:
+        AssertionError: with the tail of pytest's output when any of them fails (or none is collected).
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", keyword]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{(done.stdout + done.stderr)[-4000:]}"
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:

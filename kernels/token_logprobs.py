@@ -62,8 +62,7 @@ def validate_token_logprobs_args(
         raise ValueError(f"hidden and weight must share a floating dtype, got {hidden.dtype}, {weight.dtype}")
     if hidden.device != weight.device or hidden.device != labels.device:
         raise ValueError(
-            "hidden, weight and labels must be on one device, got "
-            f"{hidden.device}, {weight.device}, {labels.device}"
+            f"hidden, weight and labels must be on one device, got {hidden.device}, {weight.device}, {labels.device}"
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -181,15 +180,11 @@ def torch_token_logprobs(
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch reference, chunked over tokens; arguments already validated."""
-    logprobs, entropy = _ChunkedTokenLogprobs.apply(
-        hidden, weight, labels, temperature, chunk_size, with_entropy
-    )
+    logprobs, entropy = _ChunkedTokenLogprobs.apply(hidden, weight, labels, temperature, chunk_size, with_entropy)
     return logprobs, entropy
 
 
-_OP = KernelOp(
-    "token_logprobs", torch_token_logprobs, "kernels.triton_impl.token_logprobs:triton_token_logprobs"
-)
+_OP = KernelOp("token_logprobs", torch_token_logprobs, "kernels.triton_impl.token_logprobs:triton_token_logprobs")
 
 
 def token_logprobs(

@@ -10,6 +10,9 @@ from kernels.testing import (
     assert_close,
     assert_grad_close,
     kernel_test_device,
+    require_triton_in_process,
+    run_triton_tests_in_fresh_process,
+    triton_runs_in_process,
     use_triton_interpreter_off_gpu,
 )
 
@@ -86,6 +89,8 @@ def test_grouped_mlp_hand_computed():
 def test_layer_matches_per_expert_loop(backend, dtype, monkeypatch):
     if backend == "triton" and not triton_available():
         pytest.skip("triton is not importable")
+    if backend == "triton":
+        require_triton_in_process()
     monkeypatch.setenv("KERNELS_BACKEND", backend)
     device = DEVICE if backend == "triton" else "cpu"
     args = make_moe(11, 3, 5, 8, 6, dtype, device=device, empty_expert=2)
@@ -150,6 +155,14 @@ def test_bad_input_is_named(call, match):
         call()
 
 
+@needs_triton
+def test_triton_in_fresh_process():
+    """Runs this file's Triton tests in a new process when this one cannot (see triton_runs_in_process)."""
+    if triton_runs_in_process():
+        pytest.skip("the Triton tests run in this process")
+    run_triton_tests_in_fresh_process(__file__)
+
+
 # ---- Triton (compiled on CUDA, interpreted on CPU) vs the PyTorch references ----
 
 TRITON_CASES = [
@@ -169,6 +182,7 @@ def grads_of(out, inputs, seed=1):
 @needs_triton
 @pytest.mark.parametrize(("t", "k", "e", "h", "i", "dtype"), TRITON_CASES)
 def test_triton_permute_unpermute(t, k, e, h, i, dtype, monkeypatch):
+    require_triton_in_process()
     hidden, expert_ids, weights, _, _ = make_moe(t, k, e, h, i, dtype, device=DEVICE)
     results = {}
     for backend in ("torch", "triton"):
@@ -187,6 +201,7 @@ def test_triton_permute_unpermute(t, k, e, h, i, dtype, monkeypatch):
 @needs_triton
 @pytest.mark.parametrize(("t", "k", "e", "h", "i", "dtype"), TRITON_CASES)
 def test_triton_grouped_mlp(t, k, e, h, i, dtype, monkeypatch):
+    require_triton_in_process()
     hidden, expert_ids, _, w_gu, w_down = make_moe(t, k, e, h, i, dtype, device=DEVICE, empty_expert=1)
     permuted, _, counts = kernels.moe_permute(hidden.detach(), expert_ids, e)
     permuted.requires_grad_()

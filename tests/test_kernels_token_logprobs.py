@@ -11,6 +11,9 @@ from kernels.testing import (
     assert_close,
     assert_grad_close,
     kernel_test_device,
+    require_triton_in_process,
+    run_triton_tests_in_fresh_process,
+    triton_runs_in_process,
     use_triton_interpreter_off_gpu,
 )
 from kernels.token_logprobs import IGNORE_INDEX, naive_token_logprobs
@@ -117,9 +120,7 @@ def test_ignored_tokens_give_zero_and_no_gradient(monkeypatch):
 def test_without_entropy_returns_none_and_logprob_gradient(monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     hidden, weight, labels, g_lp, g_ent = make_inputs(9, 13, 6, torch.float64)
-    got = run_and_grad(
-        kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, with_entropy=False, chunk_size=4
-    )
+    got = run_and_grad(kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, with_entropy=False, chunk_size=4)
     want = naive64(hidden, weight, labels, g_lp, g_ent, with_entropy=False)
     assert got[1] is None
     for name, i in (("logprobs", 0), ("grad_hidden", 2), ("grad_weight", 3)):
@@ -171,6 +172,14 @@ def test_bad_input_is_named(kwargs, match):
         kernels.token_logprobs(args["hidden"], args["weight"], args["labels"], **extra)
 
 
+@needs_triton
+def test_triton_in_fresh_process():
+    """Runs this file's Triton tests in a new process when this one cannot (see triton_runs_in_process)."""
+    if triton_runs_in_process():
+        pytest.skip("the Triton tests run in this process")
+    run_triton_tests_in_fresh_process(__file__)
+
+
 # ---- Triton (compiled on CUDA, interpreted on CPU) ----
 
 
@@ -192,6 +201,7 @@ if ON_GPU:
 @needs_triton
 @pytest.mark.parametrize(("n", "v", "h", "dtype", "temperature", "chunk_size"), TRITON_CASES)
 def test_triton_matches_reference(n, v, h, dtype, temperature, chunk_size, monkeypatch):
+    require_triton_in_process()
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
     hidden, weight, labels, g_lp, g_ent = make_inputs(n, v, h, dtype, device=DEVICE, ignore=(3, n - 1))
     got = run_and_grad(
@@ -216,6 +226,7 @@ def test_triton_matches_reference(n, v, h, dtype, temperature, chunk_size, monke
 
 @needs_triton
 def test_triton_without_entropy(monkeypatch):
+    require_triton_in_process()
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
     hidden, weight, labels, g_lp, g_ent = make_inputs(19, 45, 20, torch.float32, device=DEVICE)
     got = run_and_grad(kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, with_entropy=False)

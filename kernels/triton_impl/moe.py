@@ -374,9 +374,7 @@ def _swiglu_backward(grad_a: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
     grad_gu = torch.empty_like(gu)
     if grad_gu.numel():
         grid = (m, triton.cdiv(two_i // 2, ROW_BLOCK))
-        _swiglu_backward_kernel[grid](
-            grad_a, gu, grad_gu, two_i // 2, grad_a.stride(0), gu.stride(0), ROW_BLOCK
-        )
+        _swiglu_backward_kernel[grid](grad_a, gu, grad_gu, two_i // 2, grad_a.stride(0), gu.stride(0), ROW_BLOCK)
     return grad_gu
 
 

@@ -250,6 +250,4 @@ def triton_token_logprobs(
     check_triton_device(hidden, weight)
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    return _TritonTokenLogprobs.apply(
-        hidden, weight, labels.contiguous(), temperature, chunk_size, with_entropy
-    )
+    return _TritonTokenLogprobs.apply(hidden, weight, labels.contiguous(), temperature, chunk_size, with_entropy)

@@ -429,7 +429,8 @@ def _optional_number(where: str, value: Any, low: float | None = None, high: flo
     if math.isnan(value):
         return None
     if (low is not None and value < low) or (high is not None and value > high) or math.isinf(value):
-        raise ValueError(f"{where}: expected a value in [{low}, {high}], got {value}")
+        bounds = [f" >= {low}"] * (low is not None) + [f" <= {high}"] * (high is not None)
+        raise ValueError(f"{where}: expected a finite number{' and'.join(bounds)}, got {value}")
     return value
 
 
@@ -575,7 +576,7 @@ def recipe_settings(recipe: Any) -> dict[str, Any]:
     out = {}
     for key in RECIPE_SETTINGS:
         section = key.split(".")[0]
-        if isinstance(phases, list) and section in ("sft", "rl_reason", "rl_pref") and section not in phases:
+        if isinstance(phases, (list, tuple)) and section in ("sft", "rl_reason", "rl_pref") and section not in phases:
             continue
         value = _lookup(recipe, key)
         if value is None:

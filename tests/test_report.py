@@ -380,7 +380,8 @@ def test_report_without_rl_phases_has_no_deltas(tmp_path):
 
 
 @pytest.mark.parametrize("evals, error, match", [
-    ({"sft": {"accuracy": 1.5, "rewards": {}}}, ValueError, r"evals\['sft'\]\['accuracy'\]: expected .*\[0.0, 1.0\]"),
+    ({"sft": {"accuracy": 1.5, "rewards": {}}}, ValueError,
+     r"evals\['sft'\]\['accuracy'\]: expected a finite number >= 0.0 and <= 1.0, got 1.5"),
     ({"sft": {"accuracy": 40, "rewards": {}}}, ValueError, r"evals\['sft'\]\['accuracy'\]"),
     ({"sft": {"rewards": {}}}, ValueError, r"evals\['sft'\]: missing \['accuracy'\]"),
     ({"sft": {"accuracy": 0.4}}, ValueError, r"evals\['sft'\]: missing \['rewards'\]"),
@@ -388,6 +389,9 @@ def test_report_without_rl_phases_has_no_deltas(tmp_path):
     ({"sft": {"accuracy": 0.4, "rewards": {"helpful": "high"}}}, TypeError, r"\['rewards'\]\['helpful'\]"),
     ({"sft": {"accuracy": 0.4, "rewards": {}, "n": -1}}, ValueError, r"evals\['sft'\]\['n'\]"),
     ({"sft": {"accuracy": 0.4, "rewards": {}, "format_rate": 2.0}}, ValueError, r"\['format_rate'\]"),
+    ({"sft": {"accuracy": 0.4, "rewards": {"kl": math.inf}}}, ValueError,
+     r"\['rewards'\]\['kl'\]: expected a finite number, got inf"),
+    ({"sft": {"accuracy": 0.4, "rewards": {}, "length_mean": -1}}, ValueError, r"\['length_mean'\]: .* >= 0.0, got"),
     ({"sft": 0.4}, TypeError, r"evals\['sft'\]: expected a mapping"),
 ])
 def test_write_report_rejects_bad_evals(tmp_path, evals, error, match):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from grpo.registry import Registry
@@ -75,6 +75,15 @@ class RewardSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     key: str | None = None
     on_error: OnError | None = None
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> RewardSpec:
+        """Builds a spec from a recipe mapping, naming unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"unknown reward spec key(s) {unknown} in {dict(spec)!r}; expected {sorted(known)}")
+        return cls(**spec)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -221,7 +230,7 @@ def _build_components(
     else:
         if weights is not None:
             raise ValueError("weights must be given inside each RewardSpec when components is a sequence")
-        specs = [s if isinstance(s, RewardSpec) else RewardSpec(**s) for s in components]
+        specs = [s if isinstance(s, RewardSpec) else RewardSpec.from_dict(s) for s in components]
         built = [_Component(s.key or s.name, get_reward(s.name, **s.kwargs), float(s.weight), s.on_error)
                  for s in specs]
     if not built:

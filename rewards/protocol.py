@@ -176,6 +176,8 @@ def _check_scores(name: str, result: Any, batch_size: int, offset: int = 0) -> S
         if value is None:
             scores.append(None)
             continue
+        if not isinstance(value, numbers.Real) and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+            value = value.item()  # a 0-d tensor or array
         if not isinstance(value, numbers.Real):
             raise RewardError(name, f"score must be a real number or None, got {value!r:.60}", offset + i)
         value = float(value)

@@ -61,6 +61,14 @@ def test_call_reward_passes_columns_and_messages():
     assert call_reward(text_length, PROMPTS, completions) == [1.0, 1.0, 1.0]
 
 
+def test_call_reward_accepts_tensors_and_arrays():
+    import numpy as np
+
+    assert call_reward(lambda p, c, **k: np.array([0.5, 1.5, 2.5]), PROMPTS, ["a", "b", "c"]) == [0.5, 1.5, 2.5]
+    assert call_reward(lambda p, c, **k: [np.array(1.0), np.float32(2.0), None], PROMPTS, ["a", "b", "c"]) == [
+        1.0, 2.0, None]
+
+
 def test_call_reward_awaits_async_rewards():
     async def reward(prompts, completions, **columns):
         await asyncio.sleep(0)
@@ -241,3 +249,5 @@ def test_combination_config_errors():
         combine({"a": text_length}, all_none="skip")
     with pytest.raises(ValueError, match="reward spec field 'name'"):
         RewardSpec(name="")
+    with pytest.raises(ValueError, match=r"unknown reward spec key\(s\) \['wieght'\]"):
+        combine([{"name": "format", "wieght": 2.0}])

@@ -261,10 +261,7 @@ def load_rows(source: str, *, split: str | None = None, limit: int | None = None
         DataError: for a missing or empty source or a missing column (naming the available ones).
     """
     builtin = source.startswith(BUILTIN_PREFIX)
-    if split is None:
-        folder = Path(source).expanduser()
-        split = "test" if builtin or (folder / "dataset_dict.json").is_file() else "train"
-    spec = DataSpec(source=source, schema="prompt", split=split, prompt_column=prompt_column,
+    spec = DataSpec(source=source, schema="prompt", split=split or default_split(source), prompt_column=prompt_column,
                     answer_column=answer_column, n=(limit or DEFAULT_BUILTIN_ROWS) if builtin else None)
     ds = _quietly(load_data, spec)
     if need_answer and "answer" not in ds.column_names:
@@ -274,6 +271,13 @@ def load_rows(source: str, *, split: str | None = None, limit: int | None = None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return ds.to_list()
+
+
+def default_split(source: str) -> str:
+    """``test`` for built-in tasks and saved ``DatasetDict`` folders; ``train`` (the file itself) otherwise."""
+    if source.startswith(BUILTIN_PREFIX) or (Path(source).expanduser() / "dataset_dict.json").is_file():
+        return "test"
+    return "train"
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> Any:
@@ -330,6 +334,12 @@ def _device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+ENGINE_OPTIONS: dict[str, Callable[[EvalConfig], dict[str, Any]]] = {
+    "torch": lambda config: {"device": _device(config.device)},
+}
+"""Keyword arguments each engine gets when it loads a checkpoint folder (besides the tokenizer)."""
+
+
 def _open(path_or_model: Any, tokenizer: Any, config: EvalConfig) -> tuple[Any, Any, str]:
     """(engine, tokenizer, label) for a checkpoint folder, a model or a rollout engine."""
     from rollout.base import RolloutEngine, build_engine
@@ -341,8 +351,9 @@ def _open(path_or_model: Any, tokenizer: Any, config: EvalConfig) -> tuple[Any, 
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            engine = build_engine(config.engine, str(folder), tokenizer=tokenizer, device=_device(config.device))
-        except (OSError, ValueError) as exc:
+            options = ENGINE_OPTIONS.get(config.engine, lambda _: {})(config)
+            engine = build_engine(config.engine, str(folder), tokenizer=tokenizer, **options)
+        except (ImportError, OSError, ValueError) as exc:
             raise EvalError(f"checkpoint {folder} could not be loaded with the {config.engine} engine: {exc}") from None
         return engine, tokenizer, folder.name
     tokenizer = tokenizer if tokenizer is not None else getattr(path_or_model, "tokenizer", None)
@@ -738,7 +749,8 @@ def _run(args: argparse.Namespace) -> int:
     rm_names = [key for key in rewards if key.startswith("rm:")]
     comparison = compare(results, rm_names) if len(results) > 1 else None
     out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    meta = {"checkpoints": [str(f) for f in folders], "data": args.data, "split": args.split, "rows": len(rows)}
+    meta = {"checkpoints": [str(f) for f in folders], "data": args.data,
+            "split": args.split or default_split(args.data), "rows": len(rows)}
     write_report(out, results, comparison, meta)
     print(markdown_report(results, comparison))
     print(f"wrote {out}/results.json, results.md and charts")

@@ -314,3 +314,35 @@ def test_api_rejects_rows_without_the_needed_columns(llama_dir):
     result = evaluate_checkpoint(str(llama_dir), None, [{"prompt": "Compute 1+2"}], cfg(n=0, accuracy=False,
                                                                                         max_tokens=2))
     assert result.greedy_accuracy is None and "greedy_accuracy" not in result.metrics()
+
+
+def test_load_rows_default_splits_and_limit(tmp_path):
+    import datasets
+
+    from grpo.data import load_data
+    from grpo.evaluate import default_split, load_rows
+
+    rows = load_rows("builtin:arithmetic", limit=3)
+    assert rows == load_data("builtin:arithmetic", split="test", n=3).to_list()  # builtin tasks: the test split
+    assert default_split("builtin:arithmetic") == "test" and default_split(str(tmp_path / "a.jsonl")) == "train"
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"q": "Compute 1+1", "a": "2"}]),
+        "test": datasets.Dataset.from_list([{"q": f"Compute {i}+1", "a": str(i + 1)} for i in range(4)]),
+    }).save_to_disk(str(folder))
+    rows = load_rows(str(folder), limit=2, prompt_column="q", answer_column="a")
+    assert rows == [{"prompt": "Compute 0+1", "answer": "1"}, {"prompt": "Compute 1+1", "answer": "2"}]
+    assert len(load_rows(str(folder), split="train", prompt_column="q", answer_column="a")) == 1
+
+
+def test_an_engine_that_cannot_load_is_one_message(tmp_path, llama_dir, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here, so the vllm engine can load")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "Compute 1+2", "answer": "3"}) + "\n")
+    rc = main([str(llama_dir), "--data", str(data), "--engine", "vllm", "--n", "0", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"grpo eval: error: checkpoint {llama_dir} could not be loaded with the vllm engine")

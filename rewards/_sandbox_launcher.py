@@ -257,11 +257,14 @@ def _supervise(spec, layers):
 
 
 def _on_sigterm(signum, frame):
+    """Stop now: kill the program (or the namespace's init), its process group and, as subreaper, orphans."""
     if _child_pid:
-        try:
-            os.kill(_child_pid, signal.SIGKILL)
-        except OSError:
-            pass
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(_child_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _kill_orphans(_child_pid)
     os._exit(143)
 
 

@@ -19,7 +19,8 @@ preamble tripwires     -       weak: ``open``/``os.open``/``os.remove``/... refu
                                ``socket`` refuses to open sockets (reachable again through ``_socket``/``posix``)
 network namespace      root    strong: no network at all, loopback included
 read-only mounts       root    strong: private mount namespace, every mount read-only except a size-limited tmpfs
-                               scratch (``scratch_bytes``); ``/root``-like unreadable homes are hidden
+                               scratch (``scratch_bytes``); an unreadable home holding the interpreter (``/root``)
+                               is hidden behind a tmpfs; world-readable files elsewhere stay readable
 PID namespace          root    strong: the program cannot see or signal outside processes; when it ends the kernel
                                kills every process it left (fork bombs, daemons)
 unprivileged user      root    strong: a dedicated uid/gid per concurrent run (``uid_base + slot``, slots locked
@@ -235,10 +236,10 @@ class Sandbox:
         status_r, status_w = os.pipe()
         try:
             spec = self._spec(run_dir, uid, status_w)
-            Path(spec["argv"][-1]).write_text(code, encoding="utf-8")
+            Path(spec["argv"][-1]).write_bytes(code.encode("utf-8", errors="replace"))
             os.chmod(spec["argv"][-1], 0o644)
             (run_dir / "spec.json").write_text(json.dumps(spec))
-            (run_dir / "stdin").write_text(stdin, encoding="utf-8")
+            (run_dir / "stdin").write_bytes(stdin.encode("utf-8", errors="replace"))
             with open(run_dir / "stdin", "rb") as stdin_file:
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", str(_LAUNCHER), str(run_dir / "spec.json")],

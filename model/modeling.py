@@ -44,7 +44,7 @@ class ModelOutput:
             ``compute_logits=False``.
         last_hidden_state: ``[B, T, H]`` after the final RMSNorm.
         aux_losses: Unweighted MoE balance losses summed over MoE layers: ``expert_balance``,
-            ``device_balance``, ``comm_balance`` (scalars; zeros when there is no MoE layer).
+            ``device_balance``, ``comm_balance`` (scalars; zeros without MoE layers or when decoding with a cache).
         cache: The latent cache the new tokens were appended to, if one was given.
     """
 
@@ -515,7 +515,9 @@ class Experts(nn.Module):
         xs = x[order // k]  # [N*K, D]
         gate, up = matmul(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # [N*K, I] each
         ys = matmul(self.act(gate) * up, self.down_proj, counts)  # [N*K, D]
-        ys = ys[order.argsort()].view(n, k, -1)  # back to [N, K, D]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        ys = ys[inverse].view(n, k, -1)  # back to (token, slot) order: [N, K, D]
         return (ys.float() * weights[:, :, None]).sum(dim=1).to(x.dtype)
 
 
@@ -530,9 +532,10 @@ class MoE(nn.Module):
         shared = config.moe_intermediate_size * config.n_shared_experts
         self.shared_experts = MLP(config, shared) if config.n_shared_experts else None
 
-    def forward(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def forward(self, x: Tensor, valid: Tensor | None, with_losses: bool = True
+                ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """``x [B, T, D]``, ``valid [B, T]`` (None = all real) -> ``(y [B, T, D], balance losses, counts [E])``
-        where ``counts`` are real tokens per expert."""
+        where ``counts`` are real tokens per expert; ``with_losses=False`` skips the losses (``{}``)."""
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         route = self.gate(flat)
@@ -541,8 +544,10 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if valid is None else valid
         c = self.config
-        losses = balance_losses(route.probs.view(b, t, -1), route.indices.view(b, t, -1), valid, c.n_group,
-                                c.topk_group)
+        losses = {}
+        if with_losses:
+            losses = balance_losses(route.probs.view(b, t, -1), route.indices.view(b, t, -1), valid, c.n_group,
+                                    c.topk_group)
         with torch.no_grad():
             counts = torch.bincount(route.indices[valid.reshape(-1)].reshape(-1), minlength=c.n_routed_experts)
         return y, losses, counts
@@ -567,7 +572,7 @@ class Block(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, self.layer_idx)
         if not self.is_moe:
             return h + self.mlp(self.post_attention_layernorm(h)), {}, None
-        y, losses, counts = self.mlp(self.post_attention_layernorm(h), valid)
+        y, losses, counts = self.mlp(self.post_attention_layernorm(h), valid, with_losses=cache is None)
         return h + y, losses, counts
 
 
@@ -620,6 +625,7 @@ class DeepSeekModel(nn.Module):
                 only on position differences, so a per-row constant shift from left padding is harmless).
             cache: A :class:`LatentKVCache`; the new tokens' latents are written at ``cache.seq_len`` and
                 attention runs through the absorbed MLA path; ``cache.seq_len`` then advances by ``T``.
+                Decoding is inference only: balance losses are not computed (zeros).
 
         Returns:
             :class:`ModelOutput` with ``last_hidden_state [B, T, H]`` and ``aux_losses``.

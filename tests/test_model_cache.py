@@ -135,3 +135,20 @@ def test_kv_cache_bytes_per_token_on_the_model():
     cfg = model.config
     assert model.kv_cache_bytes_per_token(torch.bfloat16) == cfg.num_hidden_layers * (64 + 16) * 2
     assert model.get_decoder().kv_cache_bytes_per_token(torch.float32) == cfg.num_hidden_layers * 80 * 4
+
+
+def test_attention_mask_by_hand():
+    pad = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    got = build_attention_mask(pad, 2, 4, 0, torch.device("cpu"))
+    t, f = True, False
+    want = torch.tensor([
+        # row 0: the two pad queries see no real key, so they attend everywhere (finite, never read)
+        [[t, t, t, t], [t, t, t, t], [f, f, t, f], [f, f, t, t]],
+        [[t, f, f, f], [t, t, f, f], [t, t, t, f], [t, t, t, t]],
+    ])
+    assert not got.is_causal and torch.equal(got.mask[:, 0], want)
+    # two new tokens after three cached ones: causal with an offset
+    got = build_attention_mask(None, 1, 2, 3, torch.device("cpu"))
+    assert torch.equal(got.mask[0, 0], torch.tensor([[t, t, t, t, f], [t, t, t, t, t]]))
+    assert build_attention_mask(None, 1, 5, 0, torch.device("cpu")) == (None, True)
+    assert build_attention_mask(None, 1, 1, 7, torch.device("cpu")) == (None, False)

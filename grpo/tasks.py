@@ -90,9 +90,21 @@ TASKS: Registry[TaskFn] = Registry("builtin task")
 class ArithmeticOptions:
     """Difficulty knobs of the arithmetic problems.
 
-    The defaults (operands up to 2 digits, multiplications by one digit, 1-2 operations, no negative
-    intermediate values) leave a ~1-3M-parameter model trained briefly on CPU at a middling accuracy that RL
-    can raise.
+    The defaults (one-digit operands, 1-2 operations, no negative intermediate values; about 5,400 distinct
+    train and 600 test problems) leave a ~1M-parameter model after a few hundred SFT steps at a middling
+    accuracy with room for RL. Measured greedy accuracy / pass@8 (temperature 1) on 200 test problems for a
+    4-layer, 128-wide Llama (1.07M parameters), batch 32, AdamW lr 3e-3, warmup 3% then cosine:
+
+    ======================================  ===========  ===========  ===========  ===========
+    options                                 300 steps    600 steps    1000 steps   2000 steps
+    ======================================  ===========  ===========  ===========  ===========
+    defaults (``digits=1``)                 0.12 / 0.42  0.42 / 0.67  0.77 / 0.86  0.92 / 0.97
+    ``digits=1, min_ops=2, max_ops=3``      0.09 / 0.25  0.23 / 0.40  0.70 / 0.82
+    ``digits=2`` (mul by one digit)         0.04 / 0.10  0.06 / 0.09  0.09 / 0.14  0.47 / 0.68
+    ``digits=3``                            0.02 / 0.03  0.04 / 0.04  0.04 / 0.07  0.06 / 0.12
+    ======================================  ===========  ===========  ===========  ===========
+
+    One such step takes about 0.2-0.4 s on one CPU core, so "a few hundred steps" is a few minutes.
 
     Attributes:
         digits: Most digits of an operand of ``+`` and ``-`` and of the left operand of ``*``.
@@ -105,7 +117,7 @@ class ArithmeticOptions:
             expression).
     """
 
-    digits: int = 2
+    digits: int = 1
     mul_digits: int = 1
     min_ops: int = 1
     max_ops: int = 2

@@ -166,4 +166,4 @@ def test_safety_pairs():
     assert test_prompts and not train_prompts & test_prompts
     with pytest.raises(ValueError, match="harmful_fraction must lie in"):
         tasks.safety(3, harmful_fraction=2.0)
-    assert tasks.safety(40, seed=0, arithmetic={"digits": 1}) != tasks.safety(40, seed=0)
+    assert tasks.safety(40, seed=0, arithmetic={"digits": 2}) != tasks.safety(40, seed=0)

@@ -8,8 +8,8 @@ Run on a GPU machine (the Triton rows need CUDA):
 
 Each row times one call (median of ``--iters`` after warm-up, which also absorbs autotuning and compilation)
 and the peak memory allocated above the inputs during that call. ``fwd+bwd`` rows take gradients with
-``torch.autograd.grad`` for every differentiable input. ``max|diff|`` compares each row's outputs with the
-first row of its group.
+``torch.autograd.grad`` for every differentiable input. ``rel diff`` is the largest ``max|x - y| / max|y|`` over the
+outputs and gradients, against the first row of its group.
 """
 
 from __future__ import annotations
@@ -101,7 +101,12 @@ def measure(case: Case, device: torch.device, warmup: int, iters: int) -> tuple[
 
 
 def max_diff(a: Outputs, b: Outputs) -> float:
-    return max(((x.float() - y.float()).abs().max().item() for x, y in zip(a, b, strict=True)), default=0.0)
+    """Largest ``max|x - y| / max|y|`` over the outputs (and gradients)."""
+    rel = (
+        (x.float() - y.float()).abs().max().item() / max(y.float().abs().max().item(), 1e-30)
+        for x, y in zip(a, b, strict=True)
+    )
+    return max(rel, default=0.0)
 
 
 def grads(outputs: Outputs, inputs: list[torch.Tensor], upstream: Outputs) -> Outputs:
@@ -261,7 +266,7 @@ def run_cases(cases: list[Case], device, warmup: int, iters: int) -> list[Result
         first.setdefault(key, outputs)
         results.append(Result(case.kernel, case.impl, case.mode, ms, peak, diff))
         extra = f", peak {peak:.1f} MiB" if peak is not None else ""
-        extra += f", max|diff| {diff:.2e}" if diff is not None else ""
+        extra += f", rel diff {diff:.2e}" if diff is not None else ""
         print(f"  {case.kernel} | {case.impl} | {case.mode}: {ms:.3f} ms{extra}", flush=True)
     return results
 
@@ -269,7 +274,7 @@ def run_cases(cases: list[Case], device, warmup: int, iters: int) -> list[Result
 def print_table(results: list[Result], device: torch.device) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\ndevice: {name}, torch {torch.__version__}")
-    header = f"{'impl':<34} {'mode':<8} {'ms':>10} {'peak MiB':>10} {'max|diff|':>10}  note"
+    header = f"{'impl':<34} {'mode':<8} {'ms':>10} {'peak MiB':>10} {'rel diff':>10}  note"
     kernel = None
     for r in results:
         if r.kernel != kernel:

@@ -189,6 +189,7 @@ TRITON_CASES = [
     (37, 101, 24, torch.float32, 0.6, 8),
     (21, 67, 40, torch.bfloat16, 1.0, 16),
     (1, 5, 3, torch.float32, 1.0, None),
+    (9, 600, 16, torch.float32, 1.0, 1),  # the backward walks three vocabulary chunks (256, 256, 88)
 ]
 if ON_GPU:
     TRITON_CASES += [

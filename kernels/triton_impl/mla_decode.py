@@ -20,6 +20,16 @@ from kernels.mla_decode import torch_mla_decode
 LOG2E = 1.4426950408889634
 
 
+def _split_configs() -> list[triton.Config]:
+    if interpreter_enabled():  # the interpreter runs every config it is given: one small tile
+        return [triton.Config({"BLOCK_S": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=st)
+        for bs, w, st in ((32, 4, 2), (32, 4, 4), (64, 4, 3), (64, 8, 3))
+    ]
+
+
+@triton.autotune(configs=_split_configs(), key=["DC", "DR", "BLOCK_H"])
 @triton.jit
 def _mla_split_kernel(
     q_ptr, qr_ptr, c_ptr, kr_ptr, mask_ptr, len_ptr, out_ptr, lse_ptr,
@@ -115,16 +125,18 @@ def _mla_combine_kernel(part_ptr, lse_ptr, out_ptr, DC, NUM_SPLITS, stride_ob, s
     tl.store(out_ptr + b * stride_ob + h * stride_oh + dcs, out.to(out_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _launch_shape(b: int, hq: int, s: int, device: torch.device) -> tuple[int, int, int]:
-    """``(BLOCK_H, BLOCK_S, splits)``: enough (sequence, head block, split) programs to fill the GPU."""
+SPLIT_ALIGN = 64  # split lengths are multiples of every config's BLOCK_S
+
+
+def _launch_shape(b: int, hq: int, s: int, device: torch.device) -> tuple[int, int]:
+    """``(BLOCK_H, split_len)``: enough (sequence, head block, split) programs to fill the GPU."""
     block_h = max(16, min(64, triton.next_power_of_2(hq)))
-    if interpreter_enabled():
-        return block_h, 16, min(3, triton.cdiv(s, 16))  # several splits so the combine is exercised
+    if interpreter_enabled():  # several splits so that the combine is exercised
+        return block_h, max(16, triton.cdiv(triton.cdiv(s, 3), 16) * 16)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = b * triton.cdiv(hq, block_h)
-    block_s = 32
-    splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(s, 256)))
-    return block_h, block_s, splits
+    splits = max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(s, 256)))
+    return block_h, triton.cdiv(triton.cdiv(s, splits), SPLIT_ALIGN) * SPLIT_ALIGN
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -147,8 +159,7 @@ def triton_mla_decode(
     q_latent, q_rope, c_kv, k_rope = map(_as_rows, (q_latent, q_rope, c_kv, k_rope))
     b, hq, dc = q_latent.shape
     s, dr = c_kv.shape[1], k_rope.shape[2]
-    block_h, block_s, splits = _launch_shape(b, hq, s, q_latent.device)
-    split_len = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
+    block_h, split_len = _launch_shape(b, hq, s, q_latent.device)
     splits = triton.cdiv(s, split_len)
     part = torch.empty((b, hq, splits, dc), dtype=torch.float32, device=q_latent.device)
     lse = torch.empty((b, hq, splits), dtype=torch.float32, device=q_latent.device)
@@ -166,9 +177,8 @@ def triton_mla_decode(
         c_kv.stride(0), c_kv.stride(1), k_rope.stride(0), k_rope.stride(1),
         bool_mask.stride(0) if bool_mask is not None else 0,
         MASK_KIND=mask_kind, IEEE=q_latent.dtype == torch.float32, UPCAST=interpreter_enabled(),
-        BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_C=max(16, triton.next_power_of_2(dc)),
+        BLOCK_H=block_h, BLOCK_C=max(16, triton.next_power_of_2(dc)),
         BLOCK_R=max(16, triton.next_power_of_2(dr)),
-        num_warps=4, num_stages=2,
     )  # fmt: skip
     _mla_combine_kernel[(b * hq,)](
         part, lse, out, dc, splits, out.stride(0), out.stride(1), hq,

@@ -187,7 +187,9 @@ def _backward(hidden, weight, labels, lse, entropy, g_lp, g_ent, temperature, ch
     n, h = hidden.shape
     v = weight.shape[0]
     # Same logits per chunk as the reference's token chunks: chunk_size * V, cut along the vocabulary.
-    v_chunk = max(1, min(v, chunk_size * v // max(n, 1)))
+    # Rounded to 256 columns so the buffer's rows stay aligned for cuBLAS (an odd row stride is several times
+    # slower there).
+    v_chunk = min(v, max(256, chunk_size * v // max(n, 1) // 256 * 256))
     grad_logits = torch.empty((n, v_chunk), dtype=hidden.dtype, device=hidden.device)
     grad_hidden = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_h else None
     grad_weight = torch.empty_like(weight) if need_w else None

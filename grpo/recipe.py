@@ -87,9 +87,11 @@ class ModelConfig:
 
 @dataclass
 class SFTPhase:
-    """Supervised fine-tuning on ``data`` (schema ``sft``: prompt + completion, or messages)."""
+    """Supervised fine-tuning on the concatenation of ``data`` (schema ``sft``: prompt + completion, or
+    messages)."""
 
-    data: DataSpec = field(default_factory=lambda: DataSpec(source="builtin:arithmetic", schema="sft", n=2000))
+    data: list[DataSpec] = field(
+        default_factory=lambda: [DataSpec(source="builtin:arithmetic", schema="sft", n=2000)])
     train: SFTConfig = field(default_factory=SFTConfig)
 
 
@@ -143,17 +145,21 @@ class RMPhase:
 
 @dataclass
 class EvalPhase:
-    """Held-out evaluation after each phase.
+    """Held-out evaluation of every policy checkpoint of the run (greedy decoding).
 
     Attributes:
-        data: Held-out prompts with answers.
+        data: Held-out prompts with answers: accuracy and format rate.
+        pref_data: Held-out stage-2 prompts scored with ``pref_rewards`` (None: skip).
+        pref_rewards: The preference reward's components (None: those of ``rl_pref``); ``rm:NAME`` allowed.
+        checkpoints: Which phase checkpoints to evaluate (those that exist).
         max_new_tokens: Completion length limit.
-        rewards: Rewards whose means are reported (``rm:NAME`` allowed once the RMs exist).
     """
 
     data: DataSpec = field(default_factory=lambda: DataSpec(source="builtin:arithmetic", split="test", n=200))
+    pref_data: DataSpec | None = None
+    pref_rewards: list[RewardSpec] | None = None
+    checkpoints: list[str] = field(default_factory=lambda: ["base", "sft", "rl_reason", "rl_pref"])
     max_new_tokens: int = 64
-    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy"), RewardSpec("format")])
 
 
 @dataclass
@@ -205,27 +211,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _build_value(tp: Any, value: Any, key: str) -> Any:
-    """Checks ``value`` against the annotation ``tp`` (recursing into dataclasses and containers)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _build_value(option, value, key)
-            except RecipeError as exc:
-                errors.append(str(exc))
-        raise RecipeError(errors[0] if len(errors) == 1 else f"recipe key {key!r}: expected {_type_name(tp)}, "
-                          f"got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return build(tp, value, key)
-    if origin in (list, Sequence) or tp is list:
+def _build_union(tp: Any, value: Any, key: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for option in (a for a in args if a is not type(None)):
+        try:
+            return _build_value(option, value, key)
+        except RecipeError as exc:
+            errors.append(str(exc))
+    raise RecipeError(errors[0] if len(errors) == 1 else f"recipe key {key!r}: expected {_type_name(tp)}, "
+                      f"got {value!r}")
+
+
+def _build_container(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    if origin in (list, Sequence):
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"recipe key {key!r}: expected a list, got {value!r}")
         item = args[0] if args else Any
@@ -234,11 +236,25 @@ def _build_value(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise RecipeError(f"recipe key {key!r}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_build_value(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise RecipeError(f"recipe key {key!r}: expected a mapping, got {value!r}")
-        item = args[1] if len(args) == 2 else Any
-        return {k: _build_value(item, v, f"{key}.{k}") for k, v in value.items()}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"recipe key {key!r}: expected a mapping, got {value!r}")
+    item = args[1] if len(args) == 2 else Any
+    return {k: _build_value(item, v, f"{key}.{k}") for k, v in value.items()}
+
+
+_CONTAINERS = (list, tuple, dict, Sequence, Mapping)
+
+
+def _build_value(tp: Any, value: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` (recursing into dataclasses and containers)."""
+    if tp is Any:
+        return value
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return _build_union(tp, value, key)
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else build(tp, value, key)
+    if (typing.get_origin(tp) or tp) in _CONTAINERS:
+        return _build_container(tp, value, key)
     return _build_scalar(tp, value, key)
 
 

@@ -130,7 +130,9 @@ class GRPOTrainer:
             or an object returning ``RewardOutput(total, breakdown)`` (see :mod:`rewards`).
         tokenizer: The policy's tokenizer (chat template, pad and eos ids, decoding).
         config: :class:`GRPOConfig`.
-        ref_model: The frozen reference policy; built as a copy of ``policy`` when None and β > 0.
+        ref_model: The frozen reference policy: a module, or a remote reference with ``logprobs(input_ids,
+            attention_mask, completion_len, chunk_size=, temperature=)`` and ``update_weights(named)``; a copy
+            of ``policy`` when None and β > 0.
         optimizer: Defaults to AdamW over the policy's trainable parameters.
     """
 
@@ -139,11 +141,11 @@ class GRPOTrainer:
                  optimizer: torch.optim.Optimizer | None = None) -> None:
         self.policy, self.engine, self.reward_fn = policy, engine, reward_fn
         self.tokenizer, self.config = tokenizer, config
+        if ref_model is None and config.beta > 0:
+            ref_model = copy.deepcopy(policy)
         self.ref_model = ref_model
-        if self.ref_model is None and config.beta > 0:
-            self.ref_model = copy.deepcopy(policy)
-        if self.ref_model is not None:
-            self.ref_model.eval().requires_grad_(False)
+        if isinstance(ref_model, nn.Module):
+            ref_model.eval().requires_grad_(False)
         params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -198,7 +200,7 @@ class GRPOTrainer:
             self.sync_weights()
         self.step_count += 1
         if cfg.ref_reset_every and self.ref_model is not None and self.step_count % cfg.ref_reset_every == 0:
-            self.ref_model.load_state_dict(self.policy.state_dict())
+            self._reset_reference()
         metrics.update(self._rollout_metrics(rollouts, scores, metrics))
         return metrics
 
@@ -286,6 +288,20 @@ class GRPOTrainer:
                  for i in range(0, len(batch.rewards), mb)]
         return torch.cat(parts)
 
+    def _reset_reference(self) -> None:
+        """Copies the policy into the reference (a local module, or a remote one through ``update_weights``)."""
+        if isinstance(self.ref_model, nn.Module):
+            self.ref_model.load_state_dict(self.policy.state_dict())
+        else:
+            self.ref_model.update_weights(list(hf_named_tensors(self.policy)))
+
+    def _ref_logprobs(self, batch: Trajectories) -> Tensor:
+        if isinstance(self.ref_model, nn.Module):
+            return self._batched_logprobs(self.ref_model, batch)
+        return self.ref_model.logprobs(batch.input_ids, batch.attention_mask, batch.completion_len,
+                                       chunk_size=self.config.logprob_chunk_size,
+                                       temperature=self.config.temperature or 1.0)
+
     def _reference_logprobs(self, batch: Trajectories) -> Trajectories:
         cfg = self.config
         on_policy = cfg.updates_per_batch == 1 and cfg.minibatch_size == cfg.batch_size
@@ -295,7 +311,7 @@ class GRPOTrainer:
             batch = batch.replace(old_logp=self._batched_logprobs(self.policy, batch))
             self.policy.train(was_training)
         if cfg.beta > 0:
-            batch = batch.replace(ref_logp=self._batched_logprobs(self.ref_model, batch))
+            batch = batch.replace(ref_logp=self._ref_logprobs(batch))
         return batch
 
     # -- update ----------------------------------------------------------------------------------------
@@ -391,7 +407,7 @@ class GRPOTrainer:
         """Everything needed to resume exactly: policy, reference, optimizer, schedule, RNG and step."""
         return {
             "policy": self.policy.state_dict(),
-            "ref_model": None if self.ref_model is None else self.ref_model.state_dict(),
+            "ref_model": self.ref_model.state_dict() if isinstance(self.ref_model, nn.Module) else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step_count,
@@ -402,7 +418,7 @@ class GRPOTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
-        if self.ref_model is not None and state["ref_model"] is not None:
+        if isinstance(self.ref_model, nn.Module) and state["ref_model"] is not None:
             self.ref_model.load_state_dict(state["ref_model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -10,8 +10,10 @@ Where this departs from transformers, on purpose:
   always multiplied by ``routed_scaling_factor`` (vLLM's and transformers' V3 order).
 - YaRN's cos/sin factor is DeepSeek's ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` with the
   original defaults (``mscale=1``, ``mscale_all_dim=0``); transformers agrees whenever both keys are given.
-- Balance losses (DeepSeek-V2 eqs. 23-31) are returned unweighted, per sequence and averaged over sequences
-  (the released code's ``seq_aux``); padded tokens neither count as load nor enter the averages.
+- DeepSeek-V2's expert-, device- and communication-level balance losses are returned unweighted, per sequence
+  and averaged over sequences (the released code's ``seq_aux``); padded tokens neither count as load nor enter
+  the averages. Expert groups stand for devices. V2's device-level token dropping is not implemented (no
+  token is ever dropped).
 - Routed experts are dispatched by sorting tokens by expert (no per-token loop), as in vLLM's fused MoE.
 """
 
@@ -614,7 +616,7 @@ class DeepSeekModel(nn.Module):
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: LatentKVCache | None = None) -> ModelOutput:
+                cache: LatentKVCache | None = None, use_cache: bool | None = None) -> ModelOutput:
         """Runs the decoder.
 
         Args:
@@ -626,6 +628,7 @@ class DeepSeekModel(nn.Module):
             cache: A :class:`LatentKVCache`; the new tokens' latents are written at ``cache.seq_len`` and
                 attention runs through the absorbed MLA path; ``cache.seq_len`` then advances by ``T``.
                 Decoding is inference only: balance losses are not computed (zeros).
+            use_cache: Accepted for transformers compatibility; caching is decided by ``cache`` alone.
 
         Returns:
             :class:`ModelOutput` with ``last_hidden_state [B, T, H]`` and ``aux_losses``.

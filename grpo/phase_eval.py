@@ -1,0 +1,90 @@
+"""The pipeline's ``eval`` phase: every policy checkpoint of the run on the held-out sets, then the report.
+
+For each checkpoint (``base``, ``sft``, ``rl_reason``, ``rl_pref`` when present) it measures greedy accuracy and
+format rate on the held-out reasoning problems, and the mean preference reward (the stage-2 combination
+``c1*helpful + c2*safety + c3*rule``, with each component) on held-out stage-2 prompts. ``report.md`` /
+``report.json`` tabulate them with the deltas that matter (stage-1 gain, stage-2 preference gain, the alignment
+tax), next to the training curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from grpo.evaluate import EvalConfig, evaluate_checkpoint
+from rewards.combine import combine
+
+if TYPE_CHECKING:
+    from grpo.pipeline import Pipeline
+
+
+def _mean(values: list[Any]) -> float | None:
+    valid = [float(v) for v in values if v is not None]
+    return sum(valid) / len(valid) if valid else None
+
+
+def _preference(p: Pipeline, path: str, rows: list[dict], reward: Any, config: EvalConfig, name: str
+                ) -> dict[str, float | None]:
+    result = evaluate_checkpoint(path, None, rows, config, rewards={}, name=f"{name} (preference)")
+    completions = [r.greedy for r in result.prompts]
+    prompts = [row["prompt"] for row in rows]
+    columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
+    out = reward(prompts, completions, **columns)
+    scores = {"preference": _mean(out.total)}
+    scores.update({k: _mean(v) for k, v in out.breakdown.items()})
+    return scores
+
+
+def evaluate_run(p: Pipeline) -> dict[str, dict[str, Any]]:
+    """Evaluates the run's checkpoints, writes ``report.md``/``report.json`` and the plots; returns the table."""
+    from grpo.pipeline import _rows
+    from grpo.report import plot_metrics, write_report
+
+    cfg = p.recipe.eval
+    rows = _rows(cfg.data)
+    pref_rows = _rows(cfg.pref_data) if cfg.pref_data is not None else None
+    specs = cfg.pref_rewards if cfg.pref_rewards is not None else p.recipe.rl_pref.rewards
+    pref_reward = None
+    if pref_rows is not None and all(not s.name.startswith("rm:") or p.ckpt(f"rm_{s.name[3:]}").exists()
+                                     for s in specs):
+        pref_reward = combine(p.resolve_rewards(specs), mode=p.recipe.rl_pref.reward_mode)
+    config = EvalConfig(n=0, max_tokens=cfg.max_new_tokens, accuracy=True, progress=True)
+    pref_config = dataclasses.replace(config, accuracy=False)
+    evals: dict[str, dict[str, Any]] = {}
+    for phase in cfg.checkpoints:
+        path = p.ckpt(phase)
+        if not (path / "config.json").exists():
+            continue
+        result = evaluate_checkpoint(str(path), None, rows, config, rewards={}, name=phase)
+        entry: dict[str, Any] = {
+            "accuracy": result.greedy_accuracy,
+            "format_rate": result.format_rate,
+            "length_mean": result.greedy_length.mean,
+            "n": result.num_prompts,
+            "rewards": {"accuracy": result.greedy_accuracy, "format": result.format_rate},
+        }
+        if pref_reward is not None:
+            entry["rewards"].update(_preference(p, str(path), pref_rows, pref_reward, pref_config, phase))
+        evals[phase] = entry
+        p.logger.log("eval", len(evals), {f"eval/{phase}/{k}": v for k, v in entry["rewards"].items()
+                                           if v is not None})
+        print(f"[grpo] eval {phase}: accuracy {entry['accuracy']:.3f}, rewards "
+              + ", ".join(f"{k} {v:.3f}" for k, v in entry["rewards"].items() if v is not None), flush=True)
+    plot_metrics(p.run_dir)
+    md, _ = write_report(p.run_dir, evals, recipe=_recipe_summary(p))
+    p.progress.complete("eval", evals)
+    print(f"[grpo] report: {md}", flush=True)
+    return evals
+
+
+def _recipe_summary(p: Pipeline) -> dict[str, Any]:
+    r = p.recipe
+    return {
+        "model": r.model.path or r.model.preset,
+        "sft": {"lr": r.sft.train.lr, "epochs": r.sft.train.epochs},
+        "rl_reason": {"steps": r.rl_reason.steps, "rewards": [(s.name, s.weight) for s in r.rl_reason.rewards],
+                      "G": r.rl_reason.grpo.group_size, "beta": r.rl_reason.grpo.beta},
+        "rl_pref": {"steps": r.rl_pref.steps, "rewards": [(s.name, s.weight) for s in r.rl_pref.rewards],
+                    "G": r.rl_pref.grpo.group_size, "beta": r.rl_pref.grpo.beta},
+    }

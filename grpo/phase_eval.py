@@ -72,19 +72,7 @@ def evaluate_run(p: Pipeline) -> dict[str, dict[str, Any]]:
         print(f"[grpo] eval {phase}: accuracy {entry['accuracy']:.3f}, rewards "
               + ", ".join(f"{k} {v:.3f}" for k, v in entry["rewards"].items() if v is not None), flush=True)
     plot_metrics(p.run_dir)
-    md, _ = write_report(p.run_dir, evals, recipe=_recipe_summary(p))
+    md, _ = write_report(p.run_dir, evals, recipe=p.recipe)
     p.progress.complete("eval", evals)
     print(f"[grpo] report: {md}", flush=True)
     return evals
-
-
-def _recipe_summary(p: Pipeline) -> dict[str, Any]:
-    r = p.recipe
-    return {
-        "model": r.model.path or r.model.preset,
-        "sft": {"lr": r.sft.train.lr, "epochs": r.sft.train.epochs},
-        "rl_reason": {"steps": r.rl_reason.steps, "rewards": [(s.name, s.weight) for s in r.rl_reason.rewards],
-                      "G": r.rl_reason.grpo.group_size, "beta": r.rl_reason.grpo.beta},
-        "rl_pref": {"steps": r.rl_pref.steps, "rewards": [(s.name, s.weight) for s in r.rl_pref.rewards],
-                    "G": r.rl_pref.grpo.group_size, "beta": r.rl_pref.grpo.beta},
-    }

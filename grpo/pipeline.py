@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from grpo.checkpointing import Progress, atomic_write_text
 from grpo.data import load_data
-from grpo.recipe import RLPhase, Recipe, to_dict
+from grpo.recipe import Recipe, RLPhase, to_dict
 from grpo.registry import Registry
 from grpo.workers import PolicyWorker, ReferenceWorker, RewardWorker, RolloutWorker, remote
 from rewards.combine import RewardSpec
@@ -151,8 +151,9 @@ class Pipeline:
             return
         cfg = self.recipe.model
         if cfg.path is not None:
-            from grpo.workers import load_policy, save_policy
             from transformers import AutoTokenizer
+
+            from grpo.workers import load_policy, save_policy
 
             tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
             save_policy(load_policy(cfg.path, cfg.dtype), base, tokenizer)
@@ -229,7 +230,7 @@ class Pipeline:
                 if not (path / "config.json").exists():
                     raise FileNotFoundError(f"reward {spec.name!r} needs the reward model {path}; run the rm phase "
                                             f"first (phases must include 'rm' before this one)")
-                spec = dataclasses.replace(spec, name="reward_model", key=spec.key or name,
+                spec = dataclasses.replace(spec, name="reward_model", key=spec.key or spec.name,
                                            kwargs={"path": str(path), **spec.kwargs})
             out.append(spec)
         return out

@@ -60,8 +60,18 @@ def decoder_of(model: nn.Module) -> nn.Module:
 @BACKBONE_LOADERS.register("auto")
 def _load_auto(path: str | Path, **kwargs: Any) -> nn.Module:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    return AutoModel.from_pretrained(str(path), **kwargs)
+    # A reward-model folder holds the scalar head too; transformers' load report would list it as unexpected.
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModel.from_pretrained(str(path), **kwargs)
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_backbone(path: str | Path, loader: str = "auto", **kwargs: Any) -> tuple[nn.Module, NamedTensors | None]:

@@ -45,6 +45,9 @@ class GRPOConfig:
         mask_truncated: Give completions cut at ``max_new_tokens`` no loss (DAPO overlong filtering).
         ref_reset_every: Copy the policy into the reference model every K steps (0 = never).
         moe_aux_coef: Weight of the MoE balance losses the policy returns (0 = off).
+        moe_bias_gamma: DeepSeek-V3's aux-loss-free balancing: after each optimizer step, nudge every routed
+            expert's selection bias by ±γ toward balanced load (0 = off; needs a policy with
+            ``update_router_bias``).
         logprob_chunk_size: Tokens per chunk when computing log-probs without materialising all logits.
         seed: Seed of sampling and minibatch shuffling.
     """
@@ -77,6 +80,7 @@ class GRPOConfig:
     mask_truncated: bool = False
     ref_reset_every: int = 0
     moe_aux_coef: float = 0.0
+    moe_bias_gamma: float = 0.0
     logprob_chunk_size: int = 1024
     seed: int = 0
 
@@ -88,7 +92,7 @@ class GRPOConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         non_negative = ["lr", "beta", "clip_low", "clip_high", "weight_decay", "max_grad_norm", "moe_aux_coef",
-                        "temperature", "warmup_steps", "ref_reset_every", "max_refill_rounds"]
+                        "temperature", "warmup_steps", "ref_reset_every", "max_refill_rounds", "moe_bias_gamma"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -353,7 +353,7 @@ class GRPOTrainer:
             ((loss + aux) * weight).backward()
             mask = micro.completion_mask.bool()
             m["entropy"] = float(entropy.detach()[mask].mean()) if mask.any() else 0.0
-            m["moe_aux_loss"] = float(aux)
+            m["moe_aux_loss"] = float(aux.detach())
             for k, v in m.items():
                 stats[k] = stats.get(k, 0.0) + float(v) * float(weight)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -361,6 +361,8 @@ class GRPOTrainer:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
+        if cfg.moe_bias_gamma and hasattr(self.policy, "update_router_bias"):
+            self.policy.update_router_bias(cfg.moe_bias_gamma)
         stats["lr"] = self.scheduler.get_last_lr()[0]
         return stats
 

@@ -128,3 +128,30 @@ def test_resume_from_state_dict_matches_uninterrupted():
     b.step(PROMPT_ROWS[:4])
     for (n, p), q in zip(a.policy.named_parameters(), b.policy.parameters()):
         torch.testing.assert_close(p, q, msg=n)
+
+
+def test_trains_our_moe_model_with_balance_loss_and_bias_update():
+    from model import DeepSeekConfig, DeepSeekForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer()
+    cfg = DeepSeekConfig.from_preset("tiny", vocab_size=len(tokenizer), hidden_size=32, moe_intermediate_size=16,
+                                     intermediate_size=64, num_hidden_layers=2, eos_token_id=1, bos_token_id=2,
+                                     pad_token_id=0)
+    policy = DeepSeekForCausalLM(cfg).train()
+    engine = TorchEngine(copy.deepcopy(policy).eval(), tokenizer=tokenizer)
+    trainer = GRPOTrainer(policy, engine, count_target, tokenizer,
+                          GRPOConfig(group_size=4, prompts_per_step=4, minibatch_size=16, micro_batch_size=16,
+                                     lr=1e-2, beta=0.04, max_new_tokens=6, moe_aux_coef=0.01,
+                                     moe_bias_gamma=1e-3))
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    bias_before = policy.model.layers[1].mlp.gate.e_score_correction_bias.clone()
+    metrics = trainer.step(PROMPT_ROWS[:4])
+    unchanged = [n for n, p in policy.named_parameters() if torch.equal(before[n], p.detach())]
+    assert not unchanged, unchanged
+    assert metrics["moe_aux_loss"] > 0
+    assert any(k.startswith("moe/layer1") for k in metrics)
+    assert not torch.equal(bias_before, policy.model.layers[1].mlp.gate.e_score_correction_bias)
+    # the engine follows: its HF-named weights equal the policy's after the step
+    for (n1, t1), (n2, t2) in zip(policy.named_hf_weights(), engine.model.named_hf_weights()):
+        assert n1 == n2 and torch.equal(t1, t2), n1

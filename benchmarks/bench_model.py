@@ -10,7 +10,7 @@ Measures, for the ``tiny`` preset at batch 8 x seq 128 (by default):
 Each row is the median of ``--reps`` timed runs after ``--warmup`` runs, at 1 thread and at torch's default
 thread count. Run::
 
-    python benchmarks/bench_model.py [--batch 8] [--seq 128] [--reps 10] [--device cpu]
+    python benchmarks/bench_model.py [--batch 8] [--seq 128] [--reps 10] [--device cpu] [--threads 1 16]
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def run_benchmark(batch: int, seq: int, reps: int, warmup: int, device: torch.de
                          hf_fb))
             rows.append((f"decode  ({impl})", n, _timed(_ours_decode(ours.eval(), ids, nxt), warmup, reps, device),
                          hf_dec))
-        ours.set_experts_impl("loop")
+        ours.set_experts_impl("auto")
     return rows
 
 
@@ -132,10 +132,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, nargs="*", default=None,
+                        help="CPU thread counts to time (default: 1 and torch's default)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    default_threads = torch.get_num_threads()
-    threads = sorted({1, default_threads})
+    threads = args.threads or sorted({1, torch.get_num_threads()})
     rows = run_benchmark(args.batch, args.seq, args.reps, args.warmup, device, getattr(torch, args.dtype), threads)
     print(f"tiny preset, batch {args.batch}, seq {args.seq}, {args.device} {args.dtype}, torch "
           f"{torch.__version__}; median of {args.reps} runs")

@@ -473,21 +473,48 @@ def balance_losses(probs: Tensor, indices: Tensor, valid: Tensor, n_group: int, 
     }
 
 
-def _matmul_loop(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
-    """Per-expert matmuls over contiguous slices: ``x [sum(counts), in]``, ``w [E, out, in]`` -> ``[.., out]``."""
-    outs = [xe @ w[i].T for i, xe in enumerate(x.split(counts)) if counts[i]]
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+def _experts_loop(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable[[Tensor], Tensor],
+                  counts: Tensor) -> Tensor:
+    """Per-expert SwiGLU over contiguous slices (one ``.tolist()`` sync; the fastest on CPU).
+
+    Args:
+        xs: ``[N*K, D]`` rows sorted by expert.
+        gate_up: ``[E, 2I, D]``.
+        down: ``[E, D, I]``.
+        act: The gate activation.
+        counts: ``[E]`` rows per expert.
+
+    Returns:
+        ``[N*K, D]`` expert outputs, in the same order as ``xs``.
+    """
+    sizes = counts.tolist()
+    outs = []
+    for i, xe in enumerate(xs.split(sizes)):
+        if sizes[i]:
+            g, u = (xe @ gate_up[i].T).chunk(2, dim=-1)
+            outs.append((act(g) * u) @ down[i].T)
+    return torch.cat(outs) if outs else xs.new_zeros(0, down.shape[1])
 
 
-def _matmul_grouped(x: Tensor, w: Tensor, counts: list[int]) -> Tensor:
-    """The same as :func:`_matmul_loop` in one ``torch._grouped_mm`` call."""
-    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-    return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+def _experts_grouped_mm(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable[[Tensor], Tensor],
+                        counts: Tensor) -> Tensor:
+    """The same as :func:`_experts_loop` with two ``torch._grouped_mm`` calls and no host sync."""
+    offs = counts.cumsum(0).to(torch.int32)
+    g, u = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    return torch._grouped_mm(act(g) * u, down.transpose(1, 2), offs=offs)
 
 
-EXPERT_MATMULS: dict[str, Callable[[Tensor, Tensor, list[int]], Tensor]] = {
-    "loop": _matmul_loop,
-    "grouped_mm": _matmul_grouped,
+def _experts_auto(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable[[Tensor], Tensor],
+                  counts: Tensor) -> Tensor:
+    """``grouped_mm`` on CUDA, ``loop`` elsewhere (what measured fastest; ``benchmarks/bench_model.py``)."""
+    impl = _experts_grouped_mm if xs.is_cuda else _experts_loop
+    return impl(xs, gate_up, down, act, counts)
+
+
+EXPERT_IMPLS: dict[str, Callable[..., Tensor]] = {
+    "auto": _experts_auto,
+    "loop": _experts_loop,
+    "grouped_mm": _experts_grouped_mm,
 }
 
 
@@ -501,7 +528,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
         self.act = ACTIVATIONS[config.hidden_act]
-        self.impl = "loop"
+        self.impl = "auto"  # a key of EXPERT_IMPLS
 
     def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """``x [N, D]``, ``indices, weights [N, K]`` -> ``sum_k weights[:, k] * FFN_{indices[:, k]}(x)`` ``[N, D]``.
@@ -512,11 +539,8 @@ class Experts(nn.Module):
         n, k = indices.shape
         flat = indices.reshape(-1)  # [N*K]
         order = flat.argsort(stable=True)  # pairs sorted by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        matmul = EXPERT_MATMULS[self.impl]
-        xs = x[order // k]  # [N*K, D]
-        gate, up = matmul(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # [N*K, I] each
-        ys = matmul(self.act(gate) * up, self.down_proj, counts)  # [N*K, D]
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # [E]
+        ys = EXPERT_IMPLS[self.impl](x[order // k], self.gate_up_proj, self.down_proj, self.act, counts)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         ys = ys[inverse].view(n, k, -1)  # back to (token, slot) order: [N, K, D]
@@ -550,8 +574,10 @@ class MoE(nn.Module):
         if with_losses:
             losses = balance_losses(route.probs.view(b, t, -1), route.indices.view(b, t, -1), valid, c.n_group,
                                     c.topk_group)
-        with torch.no_grad():
-            counts = torch.bincount(route.indices[valid.reshape(-1)].reshape(-1), minlength=c.n_routed_experts)
+        with torch.no_grad():  # real tokens per expert, without a host sync
+            real = valid.reshape(-1, 1).expand_as(route.indices).reshape(-1).long()
+            counts = torch.zeros(c.n_routed_experts, dtype=torch.long, device=x.device).scatter_add_(
+                0, route.indices.reshape(-1), real)
         return y, losses, counts
 
 
@@ -779,9 +805,10 @@ class DeepSeekForCausalLM(nn.Module):
         self.model.update_router_bias(gamma)
 
     def set_experts_impl(self, name: str) -> None:
-        """Chooses the routed-expert matmul: ``loop`` (per-expert slices) or ``grouped_mm``."""
-        if name not in EXPERT_MATMULS:
-            raise ValueError(f"experts impl: expected one of {', '.join(EXPERT_MATMULS)}, got {name!r}")
+        """Chooses the routed-expert kernel: ``auto`` (default: ``grouped_mm`` on CUDA, else ``loop``),
+        ``loop`` (per-expert matmuls over slices) or ``grouped_mm`` (``torch._grouped_mm``)."""
+        if name not in EXPERT_IMPLS:
+            raise ValueError(f"experts impl: expected one of {', '.join(EXPERT_IMPLS)}, got {name!r}")
         for module in self.modules():
             if isinstance(module, Experts):
                 module.impl = name

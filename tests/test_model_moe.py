@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from model import DeepSeekConfig, DeepSeekForCausalLM
-from model.modeling import EXPERT_MATMULS, AttentionMask, Experts, Gate, MoE, balance_losses
+from model.modeling import EXPERT_IMPLS, AttentionMask, Experts, Gate, MoE, balance_losses
 
 V2 = dict(model_type="deepseek_v2", scoring_func="softmax")
 
@@ -107,7 +107,7 @@ def _reference_experts(experts, x, indices, weights):
     return y
 
 
-@pytest.mark.parametrize("impl", sorted(EXPERT_MATMULS))
+@pytest.mark.parametrize("impl", sorted(EXPERT_IMPLS))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sorted_dispatch_equals_the_per_expert_loop(impl, seed):
     torch.manual_seed(seed)

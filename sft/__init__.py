@@ -9,7 +9,7 @@ from sft.formatting import (
     tokenize_rows,
 )
 from sft.packing import Batch, check_packing_isolation, first_fit_decreasing, pack_batch, pad_batch
-from sft.trainer import SFTConfig, SFTTrainer, StepMetrics, nll_sum, warmup_cosine
+from sft.trainer import SFTConfig, SFTTrainer, StepMetrics, batch_losses, nll_sum, warmup_cosine
 
 __all__ = [
     "IGNORE_INDEX",
@@ -21,6 +21,7 @@ __all__ = [
     "TokenizedExample",
     "check_packing_isolation",
     "first_fit_decreasing",
+    "batch_losses",
     "nll_sum",
     "pack_batch",
     "pad_batch",

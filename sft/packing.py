@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -117,9 +118,7 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     for i, n in enumerate(lengths):
         if not 1 <= n <= capacity:
-            raise ValueError(
-                f"item {i} has length {n}, expected 1..{capacity} (truncate examples to max_length)"
-            )
+            raise ValueError(f"item {i} has length {n}, expected 1..{capacity} (truncate examples to max_length)")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     tree = _MaxTree(max(len(lengths), 1), capacity)
     bins: list[list[int]] = []
@@ -193,15 +192,14 @@ def forward_kwargs(model: torch.nn.Module) -> dict[str, object]:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def model_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """``model(...).logits`` for a batch.  # [B, T, V]"""
-    out = model(
+def model_forward(model: torch.nn.Module, batch: Batch) -> Any:
+    """``model(input_ids=..., attention_mask=..., position_ids=...)`` for a batch; the output has ``.logits``."""
+    return model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         **forward_kwargs(model),
     )
-    return out.logits
 
 
 @torch.no_grad()
@@ -226,7 +224,7 @@ def check_packing_isolation(model: torch.nn.Module, vocab_size: int, *, rel_tol:
 
         def run(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             batch = Batch(ids.to(device), ids.to(device), pos.to(device), None, ids.numel())
-            return model_logits(model, batch).float()[0, -b.shape[1] :]  # [5, V]
+            return model_forward(model, batch).logits.float()[0, -b.shape[1] :]  # [5, V]
 
         alone = run(b, torch.arange(5)[None])
         packed = run(ab, torch.cat([torch.arange(6), torch.arange(5)])[None])

@@ -34,7 +34,7 @@ from sft.packing import (
     Batch,
     check_packing_isolation,
     first_fit_decreasing,
-    model_logits,
+    model_forward,
     pack_batch,
     pad_batch,
 )
@@ -62,6 +62,7 @@ class SFTConfig:
         log_every: Log the metrics every this many steps (0 disables).
         max_steps: Stop after this many optimizer steps (None: all epochs).
         check_packing: Before packed training, check that the model keeps packed examples apart.
+        moe_aux_coef: Weight of the MoE balance losses a model returns in ``.aux_losses`` (summed; 0 = off).
         progress: Show a progress bar.
     """
 
@@ -80,6 +81,7 @@ class SFTConfig:
     log_every: int = 10
     max_steps: int | None = None
     check_packing: bool = True
+    moe_aux_coef: float = 0.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -92,8 +94,9 @@ class SFTConfig:
         for name in ("warmup_ratio", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"sft {name} must lie in [0, 1], got {getattr(self, name)!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.log_every < 0:
-            raise ValueError("sft weight_decay, grad_clip and log_every must be >= 0")
+        for name in ("weight_decay", "grad_clip", "log_every", "moe_aux_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"sft {name} must be >= 0, got {getattr(self, name)!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"sft betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
@@ -108,6 +111,7 @@ class StepMetrics:
         step: 1-based optimizer step.
         epoch: 0-based epoch the step belongs to.
         loss: Mean NLL over the step's assistant tokens.
+        moe_aux_loss: The model's summed MoE balance losses (unweighted; 0 for models without them).
         lr: Learning rate used by the step.
         grad_norm: Global gradient norm before clipping.
         n_targets: Assistant tokens in the step.
@@ -118,6 +122,7 @@ class StepMetrics:
     step: int
     epoch: int
     loss: float
+    moe_aux_loss: float
     lr: float
     grad_norm: float
     n_targets: int
@@ -146,12 +151,24 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def batch_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over the batch's targets (in fp32) and the model's summed MoE balance losses.
+
+    Returns:
+        ``(nll_sum, aux)``: divide ``nll_sum`` by ``batch.n_targets`` for the mean; ``aux`` is 0 for models whose
+        output has no ``aux_losses``.
+    """
+    out = model_forward(model, batch)
+    logits = out.logits.float()  # [B, T, V]
+    nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    aux_losses = getattr(out, "aux_losses", None) or {}
+    aux = sum((v.float() for v in aux_losses.values()), torch.zeros((), device=nll.device))
+    return nll, aux
+
+
 def nll_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed next-token NLL over the batch's targets (computed in fp32). Divide by ``batch.n_targets``."""
-    logits = model_logits(model, batch).float()  # [B, T, V]
-    return F.cross_entropy(
-        logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    """Summed next-token NLL over the batch's targets (in fp32). Divide by ``batch.n_targets``."""
+    return batch_losses(model, batch)[0]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -250,9 +267,7 @@ class SFTTrainer:
         order = self._epoch_order(epoch)
         first = k * self.config.grad_accum
         for m in range(first, min(first + self.config.grad_accum, self.micro_per_epoch)):
-            units = [
-                self.units[u] for u in order[m * self.config.batch_size : (m + 1) * self.config.batch_size]
-            ]
+            units = [self.units[u] for u in order[m * self.config.batch_size : (m + 1) * self.config.batch_size]]
             if self.config.packing:
                 yield pack_batch([[self.examples[i] for i in unit] for unit in units], self.pad_id)
             else:
@@ -268,11 +283,14 @@ class SFTTrainer:
         batches = [b.to(device) for b in self._micro_batches(self.step)]
         n_targets = sum(b.n_targets for b in batches)
         self.model.train()
-        total = 0.0
+        total, total_aux, denom = 0.0, 0.0, max(n_targets, 1)
         for b in batches:
-            loss = nll_sum(self.model, b) / max(n_targets, 1)
+            nll, aux = batch_losses(self.model, b)
+            share = b.n_targets / denom  # weights the per-batch balance loss like the tokens it covers
+            loss = nll / denom + self.config.moe_aux_coef * share * aux
             loss.backward()
-            total += loss.item()
+            total += nll.item() / denom
+            total_aux += share * aux.item()
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
         lr = self.scheduler.get_last_lr()[0]
@@ -284,6 +302,7 @@ class SFTTrainer:
             step=self.step + 1,
             epoch=self.step // self.steps_per_epoch,
             loss=total,
+            moe_aux_loss=total_aux,
             lr=lr,
             grad_norm=grad_norm,
             n_targets=n_targets,
@@ -305,9 +324,7 @@ class SFTTrainer:
         """
         stop = self.total_steps if until_step is None else min(until_step, self.total_steps)
         history = []
-        with tqdm(
-            total=self.total_steps, initial=self.step, desc="sft", disable=not self.config.progress
-        ) as bar:
+        with tqdm(total=self.total_steps, initial=self.step, desc="sft", disable=not self.config.progress) as bar:
             while self.step < stop:
                 m = self.train_step()
                 history.append(m)

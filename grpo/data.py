@@ -94,9 +94,7 @@ class DataSpec:
         if self.n is not None and (not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1):
             raise DataError(f"data n must be a positive integer or None, got {self.n!r}")
         for f in dataclasses.fields(self):
-            if f.name.endswith("_column") and (
-                not isinstance(getattr(self, f.name), str) or not getattr(self, f.name)
-            ):
+            if f.name.endswith("_column") and (not isinstance(getattr(self, f.name), str) or not getattr(self, f.name)):
                 raise DataError(f"data {f.name} must be a non-empty string, got {getattr(self, f.name)!r}")
 
     @classmethod
@@ -145,15 +143,11 @@ def _check_messages(value: Any) -> list[dict[str, Any]]:
         raise _FieldProblem("is an empty list of messages")
     for j, m in enumerate(value):
         if not isinstance(m, Mapping):
-            raise _FieldProblem(
-                f"message {j} is a {type(m).__name__}, expected an object with role and content"
-            )
+            raise _FieldProblem(f"message {j} is a {type(m).__name__}, expected an object with role and content")
         if not isinstance(m.get("role"), str) or not m["role"]:
             raise _FieldProblem(f"message {j} has no role (expected a non-empty string)")
         if not isinstance(m.get("content"), str):
-            raise _FieldProblem(
-                f"message {j} content is {type(m.get('content')).__name__}, expected a string"
-            )
+            raise _FieldProblem(f"message {j} content is {type(m.get('content')).__name__}, expected a string")
     return list(value)
 
 
@@ -227,11 +221,10 @@ def _load_jsonl(path: Path, spec: DataSpec) -> datasets.Dataset:
         return _load_with_datasets("json")(path, spec)
     except Exception as exc:  # the file is re-read below to name the bad line
         rows = _parse_jsonl(path)
-        origin = _Origin(str(path), jsonl_path=path)
-        for i, row in enumerate(rows):
-            _validate_row(row, i, spec, origin)
         try:
-            return datasets.Dataset.from_list(rows)
+            return _rows_to_dataset(rows, spec, _Origin(str(path), jsonl_path=path))
+        except DataError:
+            raise
         except Exception:
             raise DataError(f"{path}: could not load as JSON lines ({exc})") from exc
 
@@ -395,6 +388,35 @@ def _validate_row(row: Mapping[str, Any], i: int, spec: DataSpec, origin: _Origi
             raise DataError(f"{origin.row(i)}: field {src!r} {exc}") from None
 
 
+_ROLE_OF = {"prompt": "user", "completion": "assistant", "chosen": "assistant", "rejected": "assistant"}
+
+
+def _rows_to_dataset(rows: Sequence[Mapping[str, Any]], spec: DataSpec, origin: _Origin) -> datasets.Dataset:
+    """Validates Python rows and builds a dataset from them.
+
+    Arrow columns hold one type, so a text column that mixes strings and message lists gets its strings turned
+    into one-message lists (a user message for prompts, an assistant message for responses), and answers
+    become strings.
+    """
+    schema = SCHEMAS.get(spec.schema)
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"{origin.row(i)}: expected a mapping of columns, got {type(row).__name__}")
+        _validate_row(row, i, spec, origin)
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    columns = {k: [row.get(k) for row in rows] for k in names}
+    for canonical in (*schema.required, *schema.optional):
+        src = spec.column(canonical)
+        if src not in columns:
+            continue
+        values = columns[src]
+        if canonical == "answer":
+            columns[src] = [None if v is None else _check_answer(v) for v in values]
+        elif canonical in _ROLE_OF and len({isinstance(v, str) for v in values if v is not None}) > 1:
+            columns[src] = [to_messages(v, _ROLE_OF[canonical]) if isinstance(v, str) else v for v in values]
+    return datasets.Dataset.from_dict(columns)
+
+
 def _validate_columns(ds: datasets.Dataset, spec: DataSpec, origin: _Origin) -> datasets.Dataset:
     schema = SCHEMAS.get(spec.schema)
     for canonical in (*schema.required, *schema.optional):
@@ -472,5 +494,5 @@ def from_rows(
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise DataError(f"{origin.row(i)}: expected a mapping of columns, got {type(row).__name__}")
-    ds = _select_columns(datasets.Dataset.from_list([dict(r) for r in rows]), spec, origin)
+    ds = _select_columns(_rows_to_dataset(rows, spec, origin), spec, origin)
     return _validate_columns(ds, spec, origin)

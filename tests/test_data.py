@@ -161,9 +161,7 @@ def test_file_level_errors(tmp_path, sources):
         load_data(str(tmp_path / "x.txt"))
     with pytest.raises(DataError, match=r"data file .*missing\.jsonl does not exist"):
         load_data(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(
-        DataError, match=r"d\.jsonl: column 'prompt' not found .*columns: question, solution, id"
-    ):
+    with pytest.raises(DataError, match=r"d\.jsonl: column 'prompt' not found .*columns: question, solution, id"):
         load_data(str(sources[0]))
     with pytest.raises(DataError, match=r"is a single file \(split 'train'\); split 'test' was asked for"):
         load_data(str(sources[1]), split="test", prompt_column="question")
@@ -176,9 +174,7 @@ def test_file_level_errors(tmp_path, sources):
 
 def test_rename_conflict_and_spec_validation(tmp_path):
     path = write_jsonl(tmp_path / "two.jsonl", [{"prompt": "a", "question": "b"}])
-    with pytest.raises(
-        DataError, match="prompt_column='question' would be renamed to 'prompt', which already is"
-    ):
+    with pytest.raises(DataError, match="prompt_column='question' would be renamed to 'prompt', which already is"):
         load_data(str(path), prompt_column="question")
     with pytest.raises(DataError, match="data schema must be one of chat, preference, prompt, sft"):
         DataSpec(source="x.jsonl", schema="rl")
@@ -198,3 +194,21 @@ def test_preference_and_sft_schemas_from_rows():
         from_rows([{"prompt": "p", "completion": ""}], schema="sft", name="mine")
     with pytest.raises(DataError, match="<rows> is empty"):
         from_rows([])
+
+
+def test_from_rows_unifies_mixed_prompt_types_and_answers():
+    ds = from_rows(
+        [
+            {"prompt": "What is 1 + 1?", "answer": 2},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "answer": "x"},
+        ]
+    )
+    assert ds[0]["prompt"] == [{"role": "user", "content": "What is 1 + 1?"}]
+    assert ds[1]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert ds["answer"] == ["2", "x"]
+    pairs = from_rows(
+        [{"prompt": "p", "chosen": "c", "rejected": [{"role": "assistant", "content": "r"}]}], schema="preference"
+    )
+    assert pairs[0]["chosen"] == "c"  # a column of one type is kept as it is
+    with pytest.raises(DataError, match=r"<rows> row 2: expected a mapping of columns, got str"):
+        from_rows([{"prompt": "p"}, "oops"])

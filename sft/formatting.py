@@ -49,9 +49,7 @@ class TokenizedExample:
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
-            raise ValueError(
-                f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length"
-            )
+            raise ValueError(f"input_ids ({len(self.input_ids)}) and labels ({len(self.labels)}) differ in length")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -80,19 +78,13 @@ def row_to_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
 def _template(tokenizer: Any, chat_template: str | None) -> str:
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
-        raise FormattingError(
-            "the tokenizer has no chat_template; set tokenizer.chat_template or pass chat_template"
-        )
+        raise FormattingError("the tokenizer has no chat_template; set tokenizer.chat_template or pass chat_template")
     if not isinstance(template, str):
-        raise FormattingError(
-            "the tokenizer has several named chat templates; pass chat_template= to pick one"
-        )
+        raise FormattingError("the tokenizer has several named chat templates; pass chat_template= to pick one")
     return template
 
 
-def _render_ids(
-    tokenizer: Any, messages: Sequence[Mapping[str, str]], template: str, gen_prompt: bool
-) -> list[int]:
+def _render_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], template: str, gen_prompt: bool) -> list[int]:
     text = tokenizer.apply_chat_template(
         list(messages), chat_template=template, tokenize=False, add_generation_prompt=gen_prompt
     )
@@ -109,7 +101,12 @@ def _mask_by_diff(tokenizer: Any, messages: Sequence[Mapping[str, str]], templat
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render_ids(tokenizer, messages[:i], template, gen_prompt=True) if i else []
+        if i == 0:
+            raise FormattingError(
+                "the conversation opens with an assistant turn, so nothing marks where the template's preamble "
+                "ends; put the prompt before it or use a template with {% generation %} blocks"
+            )
+        before = _render_ids(tokenizer, messages[:i], template, gen_prompt=True)
         upto = _render_ids(tokenizer, messages[: i + 1], template, gen_prompt=False)
         if not _is_prefix(before, upto) or not _is_prefix(upto, ids):
             raise FormattingError(
@@ -136,9 +133,7 @@ def _mask_by_generation_blocks(
     return TokenizedExample(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
 
 
-MASKERS: Registry[Callable[[Any, Sequence[Mapping[str, str]], str], TokenizedExample]] = Registry(
-    "mask method"
-)
+MASKERS: Registry[Callable[[Any, Sequence[Mapping[str, str]], str], TokenizedExample]] = Registry("mask method")
 MASKERS.add("diff", _mask_by_diff)
 MASKERS.add("generation", _mask_by_generation_blocks)
 

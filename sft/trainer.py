@@ -242,14 +242,18 @@ class SFTTrainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameter (all have requires_grad=False)")
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+            trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
         warmup = round(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, self.total_steps, warmup, config.min_lr_ratio)
         )
         self.step = 0
+        self._order: tuple[int, list[int]] = (-1, [])
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -258,8 +262,11 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------------------------------- data order
     def _epoch_order(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.units), generator=gen).tolist()
+        """The order of the units (examples, or packed rows) in ``epoch``: a function of the seed and epoch."""
+        if self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.units), generator=gen).tolist())
+        return self._order[1]
 
     def _micro_batches(self, step: int) -> Iterator[Batch]:
         """The micro-batches of optimizer step ``step`` (0-based)."""

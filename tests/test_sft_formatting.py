@@ -61,8 +61,9 @@ def test_eos_appended_when_template_does_not_close_the_turn():
 
 
 def test_eos_right_after_the_generation_block_is_labelled():
-    template = GENERATION_TEMPLATE.replace("m['content'] + '<|end|>' }}{% endgeneration %}",
-                                           "m['content'] }}{% endgeneration %}{{ '<|end|>' }}")
+    template = GENERATION_TEMPLATE.replace(
+        "m['content'] + '<|end|>' }}{% endgeneration %}", "m['content'] }}{% endgeneration %}{{ '<|end|>' }}"
+    )
     assert template != GENERATION_TEMPLATE
     tok = char_tokenizer(template)
     assert show(tok, tokenize_conversation(tok, TWO_TURNS))[1][-3:] == ["_", "4", "<|end|>"]
@@ -85,6 +86,8 @@ def test_errors_for_missing_template_or_assistant():
     tok = char_tokenizer()
     with pytest.raises(FormattingError, match="no assistant turn"):
         tokenize_conversation(tok, TWO_TURNS[:1])
+    with pytest.raises(FormattingError, match="opens with an assistant turn"):
+        tokenize_conversation(tok, TWO_TURNS[1:])
     tok.chat_template = None
     with pytest.raises(FormattingError, match="no chat_template"):
         tokenize_conversation(tok, TWO_TURNS)
@@ -109,3 +112,47 @@ def test_rows_truncation_and_dropping():
     assert first_tokens[:3] == ["<|user|>", "W", "h"] and first_labels[-4:] == ["_", "<think>", "1", " "]
     with pytest.raises(FormattingError, match="needs 'messages' or 'prompt' and 'completion'"):
         row_to_messages({"prompt": "x"})
+
+
+def test_byte_level_bpe_with_a_chatml_template():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from grpo import tasks
+
+    corpus = [r["prompt"] + " " + r["completion"] for r in tasks.arithmetic(300, seed=0)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|pad|>")
+    chatml = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    messages = [{"role": "system", "content": "Think first."}, *TWO_TURNS]
+    ex = tokenize_conversation(tok, messages, chat_template=chatml)
+    spans, current = [], []
+    for t, lab in zip(ex.input_ids, ex.labels, strict=True):
+        if lab != IGNORE_INDEX:
+            current.append(t)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    if current:
+        spans.append(tok.decode(current))
+    assert spans == ["ok<|im_end|>\n", "4<|im_end|>\n"]
+    generation = chatml.replace(
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}",
+        "{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+        "{{ m['content'] + '<|im_end|>\\n' }}{% endgeneration %}{% else %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endif %}",
+    )
+    assert tokenize_conversation(tok, messages, chat_template=generation) == ex

@@ -34,6 +34,7 @@ class SamplingConfig:
         stop_token_ids: Token ids that end a sample (kept in the completion). The tokenizer's eos is added by the
             engine when it knows it.
         stop: Strings that end a sample (the completion is cut after the stop string's last token).
+        min_tokens: Stop tokens cannot be sampled before this many new tokens.
         seed: Seed for reproducible sampling; None draws from the global generator.
         logprobs: Whether to return per-token log-probs of the sampled tokens.
     """
@@ -45,6 +46,7 @@ class SamplingConfig:
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0
     seed: int | None = None
     logprobs: bool = True
 
@@ -55,6 +57,7 @@ class SamplingConfig:
             ("temperature", self.temperature >= 0.0, "a float >= 0 (0 = greedy)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "a float in (0, 1]"),
             ("top_k", self.top_k >= -1, "an integer >= -1 (0 or -1 = off)"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "an integer in [0, max_tokens]"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -35,6 +35,7 @@ def sample_next(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    banned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples one token per row and returns it with its log-prob.
 
@@ -44,18 +45,21 @@ def sample_next(
         top_k: See :func:`filter_logits`.
         top_p: See :func:`filter_logits`.
         generator: Random generator for reproducible sampling.
+        banned: Token ids that may not be sampled (e.g. stop tokens before ``min_tokens``); like top-k/top-p
+            filtering, this changes what is sampled, not the returned log-probs.
 
     Returns:
         ``(tokens [B] long, logprobs [B] float32)``; log-probs are of ``softmax(logits / T)`` (``T = 1`` when
         greedy) before filtering.
     """
     logits = logits.float()
+    allowed = logits if banned is None else logits.index_fill(-1, banned, float("-inf"))
     if temperature == 0.0:
-        tokens = logits.argmax(dim=-1)
+        tokens = allowed.argmax(dim=-1)
         scaled = logits
     else:
         scaled = logits / temperature
-        filtered = filter_logits(scaled, top_k, top_p)
+        filtered = filter_logits(allowed / temperature, top_k, top_p)
         probs = filtered.softmax(dim=-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     logprobs = scaled.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)

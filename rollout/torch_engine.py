@@ -183,7 +183,9 @@ class TorchEngine(RolloutEngine):
         stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
 
         for step in range(sampling.max_tokens):
-            tokens, lps = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+            banned = stop_tensor if step < sampling.min_tokens else None
+            tokens, lps = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator,
+                                      banned)
             done = torch.isin(tokens, stop_tensor)
             for r, (g, t, lp) in enumerate(zip(active.tolist(), tokens.tolist(), lps.tolist())):
                 completions[g].append(t)

@@ -142,3 +142,22 @@ def test_sampling_config_validation():
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="SamplingConfig.n"):
         SamplingConfig(n=0)
+
+
+def test_min_tokens_suppresses_stop_tokens_but_not_their_logprobs():
+    model = tiny_llama(5)
+    def favour_eos(module, args, out):  # make eos the most likely token everywhere
+        out[..., EOS] += 20.0
+        return out
+
+    model.lm_head.register_forward_hook(favour_eos)
+    engine = TorchEngine(model)
+    free = engine.generate(PROMPTS, SamplingConfig(max_tokens=6, temperature=0.0))
+    assert all(o.completion_ids == [EOS] for o in free)
+    forced = engine.generate(PROMPTS, SamplingConfig(max_tokens=6, temperature=0.0, min_tokens=6))
+    for out in forced:
+        assert len(out.completion_ids) == 6 and EOS not in out.completion_ids
+        ref = forward_logprobs(model, out.prompt_ids, out.completion_ids)
+        torch.testing.assert_close(torch.tensor(out.logprobs), ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingConfig(max_tokens=4, min_tokens=5)

@@ -1,0 +1,147 @@
+"""GRPO step time: ours vs TRL's ``GRPOTrainer`` on the same tiny DeepSeek-V3-shaped model.
+
+Both sides get the same checkpoint (our ``tiny`` preset: MLA, sigmoid ``noaux_tc`` routing with groups, shared +
+routed experts; TRL loads it as transformers' ``DeepseekV3ForCausalLM``), the same chat prompts and reward, the
+same G, prompts per step, completion length (every completion is forced to the full length so the work is equal),
+number of optimizer updates per step (one), β (so both compute reference log-probs), loss aggregation
+(``seq-mean-token-mean`` = TRL's ``loss_type="grpo"``) and thread count. Each side runs ``--warmup`` steps, then
+``--steps`` timed steps; the table shows the mean seconds per step and the ratio.
+
+Run: ``python benchmarks/bench_grpo_step.py [--threads 1] [--steps 4] [--G 8] [--prompts 8] [--tokens 64]``
+(needs ``trl``: ``pip install -e ".[bench]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+from grpo.tasks import generate as generate_task
+
+
+def format_reward(prompts, completions, **_):
+    """1 when a completion mentions an answer tag: cheap, so the step time is the trainer's own."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float("<answer>" in t) for t in texts]
+
+
+def make_checkpoint(path: str) -> None:
+    from model import DeepSeekConfig, DeepSeekForCausalLM, build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = DeepSeekConfig.from_preset("tiny", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    DeepSeekForCausalLM(cfg).save_pretrained(path, tokenizer=tok)
+
+
+def prompts(n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": r["prompt"]}] for r in generate_task("arithmetic", n, seed=0)]
+
+
+class _FullLength:
+    """Wraps an engine so every completion runs to ``max_tokens`` (stop tokens suppressed), like TRL's
+    ``min_new_tokens``."""
+
+    def __init__(self, engine, tokens: int) -> None:
+        self.engine, self.tokens = engine, tokens
+
+    def generate(self, prompt_ids, sampling):
+        return self.engine.generate(prompt_ids, dataclasses.replace(sampling, min_tokens=self.tokens))
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def time_ours(path: str, args) -> list[float]:
+    from transformers import AutoTokenizer
+
+    from grpo.config import GRPOConfig
+    from grpo.trainer import GRPOTrainer
+    from model import DeepSeekForCausalLM
+    from rollout.torch_engine import TorchEngine
+
+    tok = AutoTokenizer.from_pretrained(path)
+    policy = DeepSeekForCausalLM.from_pretrained(path).train()
+    engine = _FullLength(TorchEngine(copy.deepcopy(policy), tokenizer=tok), args.tokens)
+    n = args.G * args.prompts
+    cfg = GRPOConfig(group_size=args.G, prompts_per_step=args.prompts, minibatch_size=n, micro_batch_size=n,
+                     lr=1e-6, beta=args.beta, max_new_tokens=args.tokens, temperature=1.0,
+                     loss_agg="seq-mean-token-mean", max_grad_norm=1.0)
+    trainer = GRPOTrainer(policy, engine, format_reward, tok, cfg)
+    rows = [{"prompt": p} for p in prompts(args.prompts * (args.warmup + args.steps))]
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        metrics = trainer.step(rows[i * args.prompts:(i + 1) * args.prompts])
+        times.append(time.perf_counter() - start)
+        assert metrics["completion/length_mean"] == args.tokens
+    return times[args.warmup:]
+
+
+def time_trl(path: str, args) -> list[float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer as TRLTrainer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    n = args.G * args.prompts
+    data = Dataset.from_dict({"prompt": prompts(args.prompts * (args.warmup + args.steps))})
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TRLConfig(output_dir=out, per_device_train_batch_size=n, gradient_accumulation_steps=1,
+                        num_generations=args.G, max_completion_length=args.tokens, temperature=1.0,
+                        beta=args.beta, num_iterations=1, loss_type="grpo", learning_rate=1e-6,
+                        max_steps=args.warmup + args.steps, logging_steps=1, report_to="none", use_cpu=True,
+                        save_strategy="no", bf16=False, seed=0, max_grad_norm=1.0,
+                        generation_kwargs={"min_new_tokens": args.tokens}, disable_tqdm=True)
+        trainer = TRLTrainer(model=model, reward_funcs=format_reward, args=cfg, train_dataset=data,
+                             processing_class=tok, callbacks=[Clock()])
+        trainer.train()
+    times = [stamps[i + 1] - stamps[i] for i in range(0, len(stamps), 2)]
+    return times[args.warmup:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--G", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--beta", type=float, default=0.04)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as path:
+        make_checkpoint(path)
+        ours = time_ours(path, args)
+        trl = time_trl(path, args)
+    mo, mt = statistics.mean(ours), statistics.mean(trl)
+    print(f"\nGRPO step, tiny DeepSeek-V3-shaped MoE, G={args.G}, prompts/step={args.prompts}, "
+          f"{args.tokens} new tokens, beta={args.beta}, threads={args.threads}, {args.steps} timed steps")
+    print(f"| trainer | s/step (mean) | s/step (min) | speed-up vs TRL |\n|---|---|---|---|")
+    print(f"| ours (torch engine) | {mo:.2f} | {min(ours):.2f} | {mt / mo:.2f}x |")
+    print(f"| TRL GRPOTrainer | {mt:.2f} | {min(trl):.2f} | 1.00x |")
+
+
+if __name__ == "__main__":
+    main()

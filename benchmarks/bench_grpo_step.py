@@ -138,7 +138,7 @@ def main() -> None:
     mo, mt = statistics.mean(ours), statistics.mean(trl)
     print(f"\nGRPO step, tiny DeepSeek-V3-shaped MoE, G={args.G}, prompts/step={args.prompts}, "
           f"{args.tokens} new tokens, beta={args.beta}, threads={args.threads}, {args.steps} timed steps")
-    print(f"| trainer | s/step (mean) | s/step (min) | speed-up vs TRL |\n|---|---|---|---|")
+    print("| trainer | s/step (mean) | s/step (min) | speed-up vs TRL |\n|---|---|---|---|")
     print(f"| ours (torch engine) | {mo:.2f} | {min(ours):.2f} | {mt / mo:.2f}x |")
     print(f"| TRL GRPOTrainer | {mt:.2f} | {min(trl):.2f} | 1.00x |")
 

@@ -8,12 +8,13 @@ How it maps our contract onto vLLM (checked against vLLM 0.32, CPU and GPU code 
   seed ``seed + i``). vLLM refuses ``n > 1`` for greedy decoding, so a greedy request sends each prompt ``n``
   times with ``n = 1``; the ``n`` samples of a prompt are contiguous either way.
 - **Log-probs.** vLLM's default ``raw_logprobs`` are ``log_softmax(logits)`` before temperature. The engine runs
-  with ``logprobs_mode="processed_logprobs"``: ``log_softmax(logits / T)`` after temperature *and* after top-k /
-  top-p masking. That is our definition (after temperature, before truncation) whenever no truncation is
-  active, and ``log_softmax(logits)`` for greedy requests. With truncation active and ``T = 1`` the engine
-  re-scores the completions with one prefill pass (vLLM's prompt log-probs are the model's own
-  ``log_softmax(logits)``). With truncation and ``T != 1`` vLLM exposes no way to get the untruncated
-  normaliser, so asking for log-probs raises ``ValueError`` (pass ``logprobs=False``).
+  with ``logprobs_mode="processed_logprobs"``: ``log_softmax(logits / T)`` after temperature *and* after every
+  filter (top-k / top-p masking, the ``min_tokens`` ban of stop tokens). That is our definition (after
+  temperature, before filtering) whenever no filter is active, and ``log_softmax(logits)`` for greedy requests
+  without ``min_tokens``. With a filter active and ``T = 1`` (or greedy) the engine re-scores the completions
+  with one prefill pass (vLLM's prompt log-probs are the model's own ``log_softmax(logits)``). With a filter and
+  another temperature vLLM exposes no way to get the unfiltered normaliser, so asking for log-probs raises
+  ``ValueError`` (pass ``logprobs=False``).
 - **Weights.** :meth:`VLLMEngine.update_weights` streams (Hugging Face name, tensor) pairs into vLLM's in-place
   reload (``reload_weights(is_checkpoint_format=True)``), which re-runs each layer's
   ``process_weights_after_loading`` (MLA's absorbed ``W_UK``/``W_UV``, CPU GEMM packing). vLLM 0.32 skips the
@@ -280,18 +281,20 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("every prompt must have at least one token")
         if sampling.stop and self.vllm_tokenizer is None:
             raise ValueError("SamplingConfig.stop (stop strings) needs an engine with a tokenizer")
-        if sampling.logprobs and _truncates(sampling) and sampling.temperature != 1.0:
+        if sampling.logprobs and not _vllm_logprobs_exact(sampling) and not _rescorable(sampling):
             raise ValueError(
-                f"SamplingConfig: vLLM cannot return log-probs under softmax(logits / T) before top-k/top-p "
-                f"truncation with temperature={sampling.temperature} and top_k={sampling.top_k}, "
-                f"top_p={sampling.top_p}; use temperature 1.0, no truncation, or logprobs=False")
+                f"SamplingConfig: vLLM cannot return log-probs under softmax(logits / T) before top-k/top-p/"
+                f"min_tokens filtering with temperature={sampling.temperature} and top_k={sampling.top_k}, "
+                f"top_p={sampling.top_p}, min_tokens={sampling.min_tokens}; use temperature 1.0, no filter, or "
+                f"logprobs=False")
 
     def _sampling_params(self, sampling: SamplingConfig, stop_ids: list[int]) -> Any:
         from vllm import SamplingParams
 
         return SamplingParams(
             n=1 if sampling.greedy else sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            top_k=max(sampling.top_k, 0), max_tokens=sampling.max_tokens, stop_token_ids=stop_ids,
+            top_k=max(sampling.top_k, 0), max_tokens=sampling.max_tokens, min_tokens=sampling.min_tokens,
+            stop_token_ids=stop_ids,
             stop=list(sampling.stop) or None, include_stop_str_in_output=True, seed=sampling.seed,
             logprobs=0 if sampling.logprobs else None, detokenize=bool(sampling.stop), skip_special_tokens=False,
         )
@@ -310,7 +313,7 @@ class VLLMEngine(RolloutEngine):
         for i, out in enumerate(outputs):
             for sample in sorted(out.outputs, key=lambda s: s.index):
                 rollouts.append(self._rollout(i // copies, prompt_token_ids[i // copies], sample, sampling, stop_ids))
-        if sampling.logprobs and not sampling.greedy and _truncates(sampling):
+        if sampling.logprobs and not _vllm_logprobs_exact(sampling):
             self._rescore(rollouts)
         return rollouts
 
@@ -325,7 +328,7 @@ class VLLMEngine(RolloutEngine):
                        text=self._decode(ids, stop_ids), prompt_index=index)
 
     def _rescore(self, rollouts: list[Rollout]) -> None:
-        """Replaces truncated (top-k/top-p) log-probs by the model's ``log_softmax(logits)`` (T = 1), in place."""
+        """Replaces filtered (top-k/top-p/min_tokens) log-probs by the model's ``log_softmax(logits)``, in place."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -389,8 +392,16 @@ class VLLMEngine(RolloutEngine):
         return self._sleeping
 
 
-def _truncates(sampling: SamplingConfig) -> bool:
-    return sampling.top_k > 0 or sampling.top_p < 1.0
+def _vllm_logprobs_exact(sampling: SamplingConfig) -> bool:
+    """Whether vLLM's processed log-probs are ours: no filter changed the distribution they are taken from."""
+    if sampling.greedy:
+        return sampling.min_tokens == 0
+    return sampling.top_k <= 0 and sampling.top_p >= 1.0 and sampling.min_tokens == 0
+
+
+def _rescorable(sampling: SamplingConfig) -> bool:
+    """Whether a prefill pass (log-probs at T = 1) gives our log-probs."""
+    return sampling.greedy or sampling.temperature == 1.0
 
 
 def _is_decoder_tensor(name: str, num_layers: int) -> bool:

@@ -125,7 +125,7 @@ def test_top_k_samples_inside_the_top_k_and_reports_untruncated_logprobs(engine_
 
 
 def test_truncation_with_temperature_and_logprobs_is_refused(engine_a):
-    with pytest.raises(ValueError, match="top-k/top-p truncation"):
+    with pytest.raises(ValueError, match="before top-k/top-p/min_tokens filtering"):
         engine_a.generate(PROMPTS, SamplingConfig(n=2, temperature=0.7, top_p=0.9))
     outs = engine_a.generate(PROMPTS, SamplingConfig(n=2, max_tokens=4, temperature=0.7, top_p=0.9,
                                                      logprobs=False))
@@ -152,6 +152,22 @@ def test_stop_token_ends_a_sample_and_is_kept(engine_a, model_a, tok):
     assert out.completion_ids == free.completion_ids[:cut] and out.finish_reason == "stop"
     assert out.completion_ids == TorchEngine(model_a, tokenizer=tok).generate(PROMPTS[:1], sampling)[0].completion_ids
     assert len(out.logprobs) == cut
+
+
+def test_min_tokens_bans_stop_tokens_like_the_torch_engine(engine_a, model_a, tok):
+    free = engine_a.generate(PROMPTS[:1], SamplingConfig(max_tokens=12, temperature=0.0))[0]
+    stop = free.completion_ids[1]
+    torch_engine = TorchEngine(model_a, tokenizer=tok)
+    for sampling in (SamplingConfig(n=2, max_tokens=12, temperature=0.0, stop_token_ids=(stop,), min_tokens=6),
+                     SamplingConfig(n=3, max_tokens=12, temperature=1.0, stop_token_ids=(stop,), min_tokens=6,
+                                    seed=4)):
+        outs = engine_a.generate(PROMPTS, sampling)
+        assert all(len(r.completion_ids) >= 6 and stop not in r.completion_ids[:6] for r in outs)
+        assert_logprobs_match_forward(model_a, outs)  # the ban changes what is sampled, not the log-probs
+        if sampling.greedy:
+            assert [r.completion_ids for r in outs] == [r.completion_ids for r in torch_engine.generate(PROMPTS,
+                                                                                                        sampling)]
+    assert free.completion_ids.index(stop) < 6  # without min_tokens the stop token comes early
 
 
 def test_update_weights_equals_fresh_engine(engine_ab, engine_b, model_a, model_b):

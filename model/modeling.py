@@ -165,8 +165,18 @@ class AttentionMask(NamedTuple):
     is_causal: bool
 
 
+def _packed_mask(position_ids: Tensor) -> AttentionMask | None:
+    """Block-diagonal causal mask for packed rows (positions restarting at 0 inside a row), else None."""
+    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] <= position_ids[:, :-1]).any()):
+        return None
+    segment = (position_ids == 0).cumsum(-1)  # [B, T]: which packed example each token belongs to
+    same = segment[:, :, None] == segment[:, None, :]  # [B, T, T]
+    causal = torch.ones(same.shape[1:], dtype=torch.bool, device=same.device).tril()
+    return AttentionMask((same & causal)[:, None], False)
+
+
 def build_attention_mask(attention_mask: Tensor | None, batch: int, new: int, past: int,
-                         device: torch.device) -> AttentionMask:
+                         device: torch.device, position_ids: Tensor | None = None) -> AttentionMask:
     """The attention pattern of ``new`` query tokens over ``past + new`` keys.
 
     Args:
@@ -175,12 +185,18 @@ def build_attention_mask(attention_mask: Tensor | None, batch: int, new: int, pa
         new: T, the number of new tokens.
         past: Tokens already in the cache.
         device: Where to build the mask.
+        position_ids: ``[B, T]``; without an ``attention_mask`` and a cache, positions that restart at 0
+            inside a row mark packed examples, which then attend only within themselves (as transformers
+            does for packed sequences).
 
     Query rows that see no real key (left padding) attend to every key instead, which keeps them finite;
     their outputs never reach a real token.
     """
     total = past + new
     if attention_mask is None:
+        packed = _packed_mask(position_ids) if position_ids is not None and past == 0 else None
+        if packed is not None:
+            return packed
         if new == 1:
             return AttentionMask(None, False)
         if past == 0:
@@ -664,11 +680,12 @@ class DeepSeekModel(nn.Module):
         if cache is not None:
             cache.check_append(b, t)
         device = input_ids.device
+        given_positions = position_ids
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=device).expand(b, t)
         elif tuple(position_ids.shape) != (b, t):
             raise ValueError(f"position_ids: expected shape ({b}, {t}), got {tuple(position_ids.shape)}")
-        mask = build_attention_mask(attention_mask, b, t, past, device)
+        mask = build_attention_mask(attention_mask, b, t, past, device, given_positions)
         valid = None if attention_mask is None else attention_mask[:, past:].to(device=device, dtype=torch.bool)
         cos, sin = self.rotary_emb(position_ids)
         h = self.embed_tokens(input_ids)

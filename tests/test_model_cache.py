@@ -152,3 +152,23 @@ def test_attention_mask_by_hand():
     assert torch.equal(got.mask[0, 0], torch.tensor([[t, t, t, t, f], [t, t, t, t, t]]))
     assert build_attention_mask(None, 1, 5, 0, torch.device("cpu")) == (None, True)
     assert build_attention_mask(None, 1, 1, 7, torch.device("cpu")) == (None, False)
+
+
+def test_packed_rows_attend_only_within_each_example():
+    """Positions restarting at 0 inside a row (SFT packing, no attention mask) keep examples apart."""
+    import torch
+
+    from model import DeepSeekConfig, DeepSeekForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(DeepSeekConfig.from_preset("tiny", vocab_size=64)).eval()
+    a, b = torch.randint(3, 64, (1, 5)), torch.randint(3, 64, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        together = model(packed, position_ids=positions).logits
+        alone_a, alone_b = model(a).logits, model(b).logits
+        joined = model(packed).logits  # plain causal: b sees a
+    torch.testing.assert_close(together[:, :5], alone_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[:, 5:], alone_b, atol=1e-5, rtol=0)
+    assert not torch.allclose(joined[:, 5:], alone_b, atol=1e-3)

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +143,8 @@ class Pipeline:
                 import ray
 
                 ray.shutdown()
+            # Offloaded tensors only live while their actors do; resuming uses the step checkpoints.
+            shutil.rmtree(self.run_dir / "offload", ignore_errors=True)
         return self.run_dir
 
     def _base_checkpoint(self) -> None:

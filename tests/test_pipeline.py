@@ -132,3 +132,41 @@ def test_rollout_workers_spread_over_two_nodes(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_short_full_pipeline_writes_report_and_loadable_checkpoints(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pref = {"source": "builtin:safety", "n": 16}
+    rm_train = {"learning_rate": 1e-3, "batch_size": 8, "max_length": 64, "progress": False}
+    path = micro_recipe(
+        tmp_path, steps=2,
+        phases=["sft", "rl_reason", "rm", "rl_pref", "eval"],
+        rm={"models": {"helpful": {"data": {"source": "builtin:helpfulness", "schema": "preference", "n": 32},
+                                   "train": rm_train},
+                       "safety": {"data": {**pref, "schema": "preference", "n": 32}, "train": rm_train}}},
+        rl_pref={"data": pref, "steps": 2,
+                 "rewards": [{"name": "rm:helpful", "weight": 0.5}, {"name": "rm:safety", "weight": 0.5},
+                             {"name": "format", "weight": 0.2}],
+                 "grpo": {"group_size": 4, "prompts_per_step": 2, "minibatch_size": 8, "micro_batch_size": 8,
+                          "lr": 1e-3, "beta": 0.0, "max_new_tokens": 12, "total_steps": 2}},
+        eval={"data": {**ARITH, "split": "test", "n": 8}, "pref_data": {**pref, "split": "test", "n": 4},
+              "max_new_tokens": 12},
+    )
+    subprocess.run(grpo_cmd("run", str(path)), check=True, env=env(), cwd=ROOT, timeout=900,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "micro"
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["phases"]) == ["base", "sft", "rl_reason", "rl_pref"]
+    for phase in report["phases"].values():
+        assert 0.0 <= phase["accuracy"] <= 1.0
+        assert {"preference", "rm:helpful", "rm:safety", "format"} <= set(phase["rewards"])
+    assert report["alignment_tax"] is not None
+    assert (run / "report.md").read_text().count("| rl_pref |") == 1
+    assert (run / "plots" / "reward.png").exists()
+    phases = {json.loads(line)["phase"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert {"sft", "rl_reason", "rm", "rl_pref", "eval"} <= phases
+    for name in ("sft", "rl_reason", "rl_pref"):
+        AutoModelForCausalLM.from_pretrained(run / "checkpoints" / name)
+    assert not (run / "offload").exists()

@@ -154,6 +154,18 @@ def test_stop_token_ends_a_sample_and_is_kept(engine_a, model_a, tok):
     assert len(out.logprobs) == cut
 
 
+def test_stop_string_ends_a_sample_like_the_torch_engine(engine_a, model_a, tok):
+    free = engine_a.generate(PROMPTS, SamplingConfig(max_tokens=12, temperature=0.0))
+    stop = tok.decode(free[0].completion_ids[2:4], skip_special_tokens=False)
+    sampling = SamplingConfig(max_tokens=12, temperature=0.0, stop=(stop,))
+    outs = engine_a.generate(PROMPTS, sampling)
+    ours = TorchEngine(model_a, tokenizer=tok).generate(PROMPTS, sampling)
+    assert [r.completion_ids for r in outs] == [r.completion_ids for r in ours]
+    assert [r.finish_reason for r in outs] == [r.finish_reason for r in ours]
+    assert outs[0].finish_reason == "stop" and len(outs[0].completion_ids) <= 4
+    assert outs[0].text.endswith(stop)
+
+
 def test_min_tokens_bans_stop_tokens_like_the_torch_engine(engine_a, model_a, tok):
     free = engine_a.generate(PROMPTS[:1], SamplingConfig(max_tokens=12, temperature=0.0))[0]
     stop = free.completion_ids[1]

@@ -291,8 +291,17 @@ class MLA(nn.Module):
         q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, d_c + d_h^R]
         k = latent[:, None]  # [B, 1, S, d_c + d_h^R]
         v = latent[:, None, :, : self.kv_lora_rank]  # [B, 1, S, d_c]
-        o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal,
-                                               scale=self.scale, enable_gqa=True)  # [B, H, T, d_c]
+        # One shared key/value head: fold the query heads into the query rows (row = h * T + t) so attention
+        # runs as a single head, instead of SDPA broadcasting the latents to every head.
+        s = latent.shape[1]
+        attn_mask = mask.mask
+        if mask.is_causal:
+            attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(attn_mask.shape[0], self.n_heads, t, s).reshape(-1, 1, self.n_heads * t, s)
+        o_lat = F.scaled_dot_product_attention(q.reshape(b, 1, self.n_heads * t, -1), k, v, attn_mask=attn_mask,
+                                               scale=self.scale)  # [B, 1, H * T, d_c]
+        o_lat = o_lat.view(b, self.n_heads, t, self.kv_lora_rank)  # [B, H, T, d_c]
         out = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # [B, T, H, d_v]
         return out.reshape(b, t, self.n_heads * self.d_v)
 

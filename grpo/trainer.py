@@ -248,7 +248,8 @@ class GRPOTrainer:
         cfg = self.config
         prompt_ids = [encode_prompt(self.tokenizer, row["prompt"]) for row in rows]
         sampling = SamplingConfig(n=cfg.group_size, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng)))
+                                  top_p=cfg.top_p, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng)),
+                                  logprobs=False)  # the trainer recomputes old log-probs itself
         return self.engine.generate(prompt_ids, sampling)
 
     def score(self, rows: list[Row], rollouts: list[Rollout]) -> dict[str, Any]:

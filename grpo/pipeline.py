@@ -108,7 +108,7 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = Progress(self.run_dir)
         self.logger = MetricsLogger(self.run_dir)
-        self.threads = os.cpu_count()
+        self.threads = recipe.ray.threads_per_worker or os.cpu_count()
         self.policy: Any = None
         self.rollouts: list[Any] = []
         self.offloaded = False

@@ -44,12 +44,15 @@ class RayConfig:
         num_cpus: CPUs of the embedded instance (None: all).
         num_rollout_workers: Rollout actors; prompts are split across them.
         rollout_cpus: CPUs reserved by each rollout actor.
+        threads_per_worker: torch threads of each actor (None: all cores of its node; the roles take turns,
+            so each may use them all).
     """
 
     address: str | None = None
     num_cpus: int | None = None
     num_rollout_workers: int = 1
     rollout_cpus: float = 0.5
+    threads_per_worker: int | None = None
 
 
 @dataclass

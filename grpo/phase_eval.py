@@ -62,7 +62,7 @@ def evaluate_run(p: Pipeline) -> dict[str, dict[str, Any]]:
             "format_rate": result.format_rate,
             "length_mean": result.greedy_length.mean,
             "n": result.num_prompts,
-            "rewards": {"accuracy": result.greedy_accuracy, "format": result.format_rate},
+            "rewards": {"accuracy": result.greedy_accuracy},  # the stage-2 rewards below, on their own prompts
         }
         if pref_reward is not None:
             entry["rewards"].update(_preference(p, str(path), pref_rows, pref_reward, pref_config, phase))

@@ -502,9 +502,13 @@ def _baseline(phases: Sequence[str], target: str, preferred: str) -> str | None:
     return preferred if preferred in before else (before[-1] if before else None)
 
 
+PREFERENCE_TOTAL = "preference"  # the weighted stage-2 reward itself, when an evaluation reports it
+
+
 def _preference_names(recipe: Mapping[str, Any] | None) -> list[str]:
     specs = ((recipe or {}).get("rl_pref") or {}).get("rewards") or []
-    return [s.get("key") or s.get("name") for s in specs if isinstance(s, Mapping)]
+    names = [s.get("key") or s.get("name") for s in specs if isinstance(s, Mapping)]
+    return [PREFERENCE_TOTAL, *names] if names else names
 
 
 def compute_deltas(evals: Mapping[str, PhaseEval], recipe: Mapping[str, Any] | None = None

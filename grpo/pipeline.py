@@ -81,7 +81,9 @@ def init_ray(recipe: Recipe) -> bool:
     if cfg.address is None:
         os.environ.pop("RAY_ADDRESS", None)  # never attach to a stray cluster by accident
         temp = (recipe.run_dir / "ray").resolve()
-        if len(str(temp)) > 60:  # Ray's unix socket paths must stay under ~107 characters
+        # Ray's unix sockets live at <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (about 64
+        # characters below <temp>) and a socket path must stay within 107 bytes.
+        if len(str(temp)) > 40:
             temp = Path(tempfile.mkdtemp(prefix="grpo-ray-"))
         ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False,
                  _temp_dir=str(temp), logging_level=logging.WARNING, configure_logging=True)

@@ -65,7 +65,10 @@ def evaluate_run(p: Pipeline) -> dict[str, dict[str, Any]]:
             "rewards": {"accuracy": result.greedy_accuracy},  # the stage-2 rewards below, on their own prompts
         }
         if pref_reward is not None:
-            entry["rewards"].update(_preference(p, str(path), pref_rows, pref_reward, pref_config, phase))
+            for key, value in _preference(p, str(path), pref_rows, pref_reward, pref_config, phase).items():
+                # a stage-2 component that shares a name with a held-out metric (``accuracy`` as part of the
+                # rule reward) is reported beside it, on the stage-2 prompts
+                entry["rewards"][f"{key} (stage-2 prompts)" if key in entry["rewards"] else key] = value
         evals[phase] = entry
         p.logger.log("eval", len(evals), {f"eval/{phase}/{k}": v for k, v in entry["rewards"].items()
                                            if v is not None})

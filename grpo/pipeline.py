@@ -71,25 +71,31 @@ def _rows(spec: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in load_data(spec)]
 
 
-def init_ray(recipe: Recipe) -> bool:
-    """Starts the embedded local Ray instance, or joins ``ray.address``; returns whether we started one."""
+def init_ray(recipe: Recipe) -> tuple[bool, Path | None]:
+    """Starts the embedded local Ray instance, or joins ``ray.address``.
+
+    Returns:
+        ``(started, scratch)``: whether we started a local instance, and the temporary folder it uses when the
+        run folder's path was too long for Ray's sockets (to remove after ``ray.shutdown()``), else ``None``.
+    """
     import ray
 
     if ray.is_initialized():
-        return False
+        return False, None
     cfg = recipe.ray
     if cfg.address is None:
         os.environ.pop("RAY_ADDRESS", None)  # never attach to a stray cluster by accident
         temp = (recipe.run_dir / "ray").resolve()
         # Ray's unix sockets live at <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (about 64
         # characters below <temp>) and a socket path must stay within 107 bytes.
+        scratch = None
         if len(str(temp)) > 40:
-            temp = Path(tempfile.mkdtemp(prefix="grpo-ray-"))
+            temp = scratch = Path(tempfile.mkdtemp(prefix="grpo-ray-"))
         ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False,
                  _temp_dir=str(temp), logging_level=logging.WARNING, configure_logging=True)
-        return True
+        return True, scratch
     ray.init(address=cfg.address, logging_level=logging.WARNING)
-    return False
+    return False, None
 
 
 class Pipeline:
@@ -130,7 +136,7 @@ class Pipeline:
     def run(self) -> Path:
         """Runs every phase of the recipe (skipping completed ones on resume); returns the run folder."""
         atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(self.recipe), sort_keys=False))
-        started = init_ray(self.recipe)
+        started, scratch = init_ray(self.recipe)
         try:
             self._base_checkpoint()
             for phase in self.recipe.phases:
@@ -145,6 +151,8 @@ class Pipeline:
                 import ray
 
                 ray.shutdown()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
             # Offloaded tensors only live while their actors do; resuming uses the step checkpoints.
             shutil.rmtree(self.run_dir / "offload", ignore_errors=True)
         return self.run_dir

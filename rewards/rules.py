@@ -20,11 +20,14 @@ def accuracy(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any)
 
     The answer is extracted from ``<answer>`` tags, ``\\boxed{}``, GSM8K's ``#### n`` or a bare number (see
     :mod:`rewards.answers`) and compared up to mathematical equivalence (``\\boxed{3/4}`` matches ``0.75``). A
-    completion without an extractable answer scores 0.0.
+    completion without an extractable answer scores 0.0. A row whose ``answer`` is ``None`` or empty (a prompt
+    with nothing to check, e.g. a chat request mixed into a math dataset) scores ``None``: no opinion, so the
+    other rewards decide (see :mod:`rewards.combine`).
 
     Example:
-        >>> accuracy(["q", "q"], ["<answer>\\\\frac{1}{2}</answer>", "no idea"], answer=["0.5", "0.5"])
-        [1.0, 0.0]
+        >>> accuracy(["q", "q", "q"], ["<answer>\\\\frac{1}{2}</answer>", "no idea", "hi"],
+        ...          answer=["0.5", "0.5", None])
+        [1.0, 0.0, None]
 
     Raises:
         KeyError: without an ``answer`` column.
@@ -32,7 +35,11 @@ def accuracy(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any)
     texts = completion_texts(completions)
     scores: list[float | None] = []
     for i, text in enumerate(texts):
-        gold = gold_answer(column_value(columns, "answer", i, len(texts)))
+        reference = column_value(columns, "answer", i, len(texts))
+        if reference is None or str(reference).strip() == "":
+            scores.append(None)
+            continue
+        gold = gold_answer(reference)
         predicted = extract_answer(text)
         scores.append(1.0 if predicted is not None and answers_match(predicted, gold) else 0.0)
     return scores

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -251,6 +252,8 @@ class TorchEngine(RolloutEngine):
         from grpo.offload import Offloader
 
         self._scratch = tempfile.mkdtemp(prefix="grpo-engine-")
+        # removed on wake-up, or when the engine is collected or the process exits still asleep
+        self._scratch_cleanup = weakref.finalize(self, shutil.rmtree, self._scratch, True)
         self._offloader = Offloader(self.model, None, folder=self._scratch)
         self._offloader.offload("auto")
         self._sleeping = True
@@ -260,7 +263,7 @@ class TorchEngine(RolloutEngine):
         if not self._sleeping:
             return
         self._offloader.onload()
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._scratch_cleanup()
         self._sleeping = False
 
     @property

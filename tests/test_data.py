@@ -71,7 +71,7 @@ def test_builtin_source_matches_tasks():
     ds = load_data(DataSpec(source="builtin:arithmetic", n=5, seed=3, split="test", schema="sft"))
     assert ds.to_list() == tasks.arithmetic(5, seed=3, split="test")
     pairs = load_data("builtin:safety", n=4, schema="preference", options={"harmful_fraction": 1.0})
-    assert pairs.column_names == ["prompt", "chosen", "rejected", "category"]
+    assert pairs.column_names == ["prompt", "chosen", "rejected", "category", "answer"]
     with pytest.raises(DataError, match="n .* is required for a builtin task"):
         load_data("builtin:arithmetic")
     with pytest.raises(DataError, match="builtin:nope: unknown builtin task 'nope'; known: arithmetic"):

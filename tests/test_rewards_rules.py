@@ -84,6 +84,12 @@ def test_accuracy_in_worker_threads():  # math-verify's SIGALRM timeouts only wo
         assert [f.result() for f in futures] == [[1.0], [1.0]]
 
 
+def test_accuracy_has_no_opinion_without_a_reference():
+    scores = accuracy(["q"] * 4, ["<answer>3</answer>", "<answer>3</answer>", "<answer>4</answer>", "x"],
+                      answer=["3", None, "3", "  "])
+    assert scores == [1.0, None, 0.0, None]
+
+
 def test_accuracy_missing_answer_column():
     with pytest.raises(KeyError, match="column 'answer' is required"):
         accuracy(["q"], ["1"])

@@ -48,7 +48,9 @@ def evaluate_run(p: Pipeline) -> dict[str, dict[str, Any]]:
     pref_reward = None
     if pref_rows is not None and all(not s.name.startswith("rm:") or p.ckpt(f"rm_{s.name[3:]}").exists()
                                      for s in specs):
-        pref_reward = combine(p.resolve_rewards(specs), mode=p.recipe.rl_pref.reward_mode)
+        # the weighted sum of raw scores: ``normalize-then-sum`` is a training-time transform whose mean over the
+        # evaluated set is 0 by construction, so it cannot compare checkpoints
+        pref_reward = combine(p.resolve_rewards(specs), mode="sum")
     config = EvalConfig(n=0, max_tokens=cfg.max_new_tokens, accuracy=True, progress=True)
     pref_config = dataclasses.replace(config, accuracy=False)
     evals: dict[str, dict[str, Any]] = {}

@@ -10,6 +10,7 @@ combination stops the run before anything starts, with one message naming the fu
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -261,7 +262,12 @@ def _build_value(tp: Any, value: Any, key: str) -> Any:
     return _build_scalar(tp, value, key)
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # ``1e-4``: YAML 1.1 reads it as a string
+
+
 def _build_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        value = float(value)
     if typing.get_origin(tp) is typing.Literal:
         if value not in typing.get_args(tp):
             raise RecipeError(f"recipe key {key!r}: expected one of {list(typing.get_args(tp))}, got {value!r}")

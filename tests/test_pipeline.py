@@ -66,6 +66,14 @@ def test_recipe_errors_name_the_key():
         load_recipe(None, ["rl_reason.grpo.minibatch_size=48"])
     with pytest.raises(RecipeError, match="not found"):
         load_recipe("no_such_recipe")
+    with pytest.raises(RecipeError, match=r"'rl_pref.grpo.lr': expected float, got 'fast'"):
+        load_recipe(None, ["rl_pref.grpo.lr=fast"])
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    # YAML 1.1 (PyYAML) reads ``1e-4`` as a string; a float-typed key takes it as the number it means
+    recipe = load_recipe(None, ["rl_pref.grpo.lr=1e-4", "rl_reason.grpo.lr=3E-5"])
+    assert recipe.rl_pref.grpo.lr == 1e-4 and recipe.rl_reason.grpo.lr == 3e-5
 
 
 def test_every_bundled_recipe_parses():

@@ -132,6 +132,7 @@ class PromptResult:
         samples_correct: Correct samples among the ``n`` (``None`` without samples or answers).
         sample_answers: Extracted final answer of each sample (``None`` where none was found).
         voted_answer: Majority vote of all samples (ties: the answer voted first), ``None`` without votes.
+        sample_texts: The ``n`` sampled completions' texts (empty without samples).
     """
 
     index: int
@@ -144,6 +145,7 @@ class PromptResult:
     samples_correct: int | None = None
     sample_answers: tuple[str | None, ...] = ()
     voted_answer: str | None = None
+    sample_texts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -423,6 +425,7 @@ def answer_labels(texts: Sequence[str], answer: str) -> tuple[list[int | None], 
 class _Samples:
     """Per-prompt sample outcomes."""
 
+    texts: list[tuple[str, ...]]
     correct: list[int | None]
     answers: list[tuple[str | None, ...]]
     voted: list[str | None]
@@ -441,8 +444,9 @@ def _sample_metrics(engine: Any, prompt_ids: list[list[int]], rows: list[dict[st
                               top_p=config.top_p, logprobs=False)
     rollouts = _generate(engine, prompt_ids, sampling, config, f"{label} samples")
     length = length_stats([len(r.completion_ids) for r in rollouts], [r.finish_reason == "length" for r in rollouts])
+    texts = [tuple(r.text for r in rollouts[i * n : (i + 1) * n]) for i in range(len(rows))]
     if not config.accuracy:
-        return _Samples([None] * len(rows), [()] * len(rows), [None] * len(rows), {}, {}, length)
+        return _Samples(texts, [None] * len(rows), [()] * len(rows), [None] * len(rows), {}, {}, length)
     prompts = [row["prompt"] for row in rows for _ in range(n)]
     answers = [row["answer"] for row in rows for _ in range(n)]
     hits = _score({"accuracy": accuracy}, prompts, rollouts, {"answer": answers})["accuracy"]
@@ -461,7 +465,7 @@ def _sample_metrics(engine: Any, prompt_ids: list[list[int]], rows: list[dict[st
             passes[k].append(pass_at_k(n, c, k))
             majs[k].append(maj_at_k(labels, right, k))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return _Samples(correct, extracted, voted, {k: mean(v) for k, v in passes.items()},
+    return _Samples(texts, correct, extracted, voted, {k: mean(v) for k, v in passes.items()},
                     {k: mean(v) for k, v in majs.items()}, length)
 
 
@@ -522,6 +526,7 @@ def _evaluate(engine: Any, tokenizer: Any, label: str, rows: list[dict[str, Any]
             samples_correct=samples.correct[i] if samples else None,
             sample_answers=samples.answers[i] if samples else (),
             voted_answer=samples.voted[i] if samples else None,
+            sample_texts=samples.texts[i] if samples else (),
         )
         for i, (row, g) in enumerate(zip(rows, greedy))
     )

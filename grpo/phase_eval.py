@@ -2,7 +2,8 @@
 
 For each checkpoint (``base``, ``sft``, ``rl_reason``, ``rl_pref`` when present) it measures greedy accuracy and
 format rate on the held-out reasoning problems, and the mean preference reward (the stage-2 combination
-``c1*helpful + c2*safety + c3*rule``, with each component) on held-out stage-2 prompts. ``report.md`` /
+``c1*helpful + c2*safety + c3*rule``, with each component) on held-out stage-2 prompts, over the greedy
+completions and over ``pref_samples`` sampled completions per prompt (reported with the suffix ``(sampled)``). ``report.md`` /
 ``report.json`` tabulate them with the deltas that matter (stage-1 gain, stage-2 preference gain, the alignment
 tax), next to the training curves.
 """
@@ -24,15 +25,27 @@ def _mean(values: list[Any]) -> float | None:
     return sum(valid) / len(valid) if valid else None
 
 
-def _preference(p: Pipeline, path: str, rows: list[dict], reward: Any, config: EvalConfig, name: str
+SAMPLED = " (sampled)"
+
+
+def _mean_scores(reward: Any, rows: list[dict], completions: list[str], repeat: int, suffix: str = ""
+                 ) -> dict[str, float | None]:
+    """Mean total and components of ``reward`` over completions (``repeat`` consecutive ones per row)."""
+    rows = [row for row in rows for _ in range(repeat)]
+    columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
+    out = reward([row["prompt"] for row in rows], completions, **columns)
+    scores = {f"preference{suffix}": _mean(out.total)}
+    scores.update({f"{k}{suffix}": _mean(v) for k, v in out.breakdown.items()})
+    return scores
+
+
+def _preference(path: str, rows: list[dict], reward: Any, config: EvalConfig, name: str
                 ) -> dict[str, float | None]:
     result = evaluate_checkpoint(path, None, rows, config, rewards={}, name=f"{name} (preference)")
-    completions = [r.greedy for r in result.prompts]
-    prompts = [row["prompt"] for row in rows]
-    columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
-    out = reward(prompts, completions, **columns)
-    scores = {"preference": _mean(out.total)}
-    scores.update({k: _mean(v) for k, v in out.breakdown.items()})
+    scores = _mean_scores(reward, rows, [r.greedy for r in result.prompts], 1)
+    if config.n:
+        samples = [text for r in result.prompts for text in r.sample_texts]
+        scores.update(_mean_scores(reward, rows, samples, config.n, SAMPLED))
     return scores
 
 
@@ -52,7 +65,8 @@ def evaluate_run(p: Pipeline) -> dict[str, dict[str, Any]]:
         # evaluated set is 0 by construction, so it cannot compare checkpoints
         pref_reward = combine(p.resolve_rewards(specs), mode="sum")
     config = EvalConfig(n=0, max_tokens=cfg.max_new_tokens, accuracy=True, progress=True)
-    pref_config = dataclasses.replace(config, accuracy=False)
+    pref_config = dataclasses.replace(config, accuracy=False, n=cfg.pref_samples, k=(1,) if cfg.pref_samples else (),
+                                      temperature=cfg.pref_temperature, seed=p.recipe.seed)
     evals: dict[str, dict[str, Any]] = {}
     for phase in cfg.checkpoints:
         path = p.ckpt(phase)
@@ -67,7 +81,7 @@ def evaluate_run(p: Pipeline) -> dict[str, dict[str, Any]]:
             "rewards": {"accuracy": result.greedy_accuracy},  # the stage-2 rewards below, on their own prompts
         }
         if pref_reward is not None:
-            for key, value in _preference(p, str(path), pref_rows, pref_reward, pref_config, phase).items():
+            for key, value in _preference(str(path), pref_rows, pref_reward, pref_config, phase).items():
                 # a stage-2 component that shares a name with a held-out metric (``accuracy`` as part of the
                 # rule reward) is reported beside it, on the stage-2 prompts
                 entry["rewards"][f"{key} (stage-2 prompts)" if key in entry["rewards"] else key] = value

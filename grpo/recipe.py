@@ -149,12 +149,19 @@ class RMPhase:
 
 @dataclass
 class EvalPhase:
-    """Held-out evaluation of every policy checkpoint of the run (greedy decoding).
+    """Held-out evaluation of every policy checkpoint of the run.
+
+    Accuracy and format rate are measured on greedy completions. The preference reward is measured on greedy
+    completions and, with ``pref_samples > 0``, as the mean over sampled completions: the expected reward under
+    the policy, the quantity RL maximises (greedy decoding can hide a change in the distribution).
 
     Attributes:
         data: Held-out prompts with answers: accuracy and format rate.
         pref_data: Held-out stage-2 prompts scored with ``pref_rewards`` (None: skip).
         pref_rewards: The preference reward's components (None: those of ``rl_pref``); ``rm:NAME`` allowed.
+        pref_samples: Sampled completions per stage-2 prompt for the sampled preference reward (0: greedy only).
+        pref_temperature: Sampling temperature of those samples (the stage-2 training temperature is the natural
+            choice).
         checkpoints: Which phase checkpoints to evaluate (those that exist).
         max_new_tokens: Completion length limit.
     """
@@ -162,8 +169,16 @@ class EvalPhase:
     data: DataSpec = field(default_factory=lambda: DataSpec(source="builtin:arithmetic", split="test", n=200))
     pref_data: DataSpec | None = None
     pref_rewards: list[RewardSpec] | None = None
+    pref_samples: int = 4
+    pref_temperature: float = 1.0
     checkpoints: list[str] = field(default_factory=lambda: ["base", "sft", "rl_reason", "rl_pref"])
     max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pref_samples, bool) or not isinstance(self.pref_samples, int) or self.pref_samples < 0:
+            raise ValueError(f"pref_samples must be an integer >= 0, got {self.pref_samples!r}")
+        if not self.pref_temperature > 0:
+            raise ValueError(f"pref_temperature must be > 0, got {self.pref_temperature!r}")
 
 
 @dataclass

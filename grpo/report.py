@@ -506,9 +506,11 @@ PREFERENCE_TOTAL = "preference"  # the weighted stage-2 reward itself, when an e
 
 
 def _preference_names(recipe: Mapping[str, Any] | None) -> list[str]:
+    """The preference total and components, over greedy then sampled completions (``NAME (sampled)``)."""
     specs = ((recipe or {}).get("rl_pref") or {}).get("rewards") or []
     names = [s.get("key") or s.get("name") for s in specs if isinstance(s, Mapping)]
-    return [PREFERENCE_TOTAL, *names] if names else names
+    names = [PREFERENCE_TOTAL, *names] if names else names
+    return [*names, *(f"{n} (sampled)" for n in names)]
 
 
 def compute_deltas(evals: Mapping[str, PhaseEval], recipe: Mapping[str, Any] | None = None

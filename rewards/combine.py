@@ -15,6 +15,10 @@ component's mean and std). A sample on which *every* component is ``None`` follo
 (default, a :class:`RewardError`) or ``"zero"`` (total 0.0). With ``normalize=True`` the totals are finally
 z-scored over the batch (useful for logging or a batch-level baseline; GRPO normalises within groups anyway).
 
+A component can be routed to part of the batch with ``RewardSpec.when`` (``{column: value}`` or
+``{column: [values]}``): it scores only the samples whose columns match and leaves ``None`` on the others. That
+is how DeepSeek-R1's second RL stage gives reasoning prompts rule rewards and general prompts reward models.
+
 Example:
     >>> wr = combine({"a": lambda p, c, **_: [1.0, None], "b": lambda p, c, **_: [2.0, 4.0]},
     ...              weights={"a": 0.5, "b": 1.0})
@@ -68,6 +72,9 @@ class RewardSpec:
         kwargs: Configuration passed to :func:`rewards.get_reward`.
         key: Name in the breakdown (defaults to ``name``).
         on_error: Per-component error policy (defaults to the combination's).
+        when: Route the component to the samples whose dataset columns match every entry, ``{column: value}``
+            or ``{column: [allowed values]}``; the other samples get ``None`` (no opinion) and are never passed
+            to the reward. ``None``: every sample.
     """
 
     name: str
@@ -75,6 +82,7 @@ class RewardSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     key: str | None = None
     on_error: OnError | None = None
+    when: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> RewardSpec:
@@ -92,6 +100,7 @@ class RewardSpec:
         if self.on_error is not None and self.on_error not in ON_ERROR_POLICIES:
             raise ValueError(f"reward spec {self.name!r}: on_error must be one of {ON_ERROR_POLICIES}, "
                              f"got {self.on_error!r}")
+        _check_when(self.key or self.name, self.when)
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,37 @@ class _Component:
     fn: Callable[..., Any]
     weight: float
     on_error: OnError | None
+    when: Mapping[str, tuple[Any, ...]] | None = None
+
+
+def _check_when(key: str, when: Any) -> Mapping[str, tuple[Any, ...]] | None:
+    """Validates a ``when`` routing rule and returns it as ``{column: allowed values}``."""
+    if when is None:
+        return None
+    if not isinstance(when, Mapping) or not when:
+        raise ValueError(f"reward {key!r}: 'when' must be a non-empty mapping {{column: value or [values]}}, "
+                         f"got {when!r}")
+    rule = {}
+    for column, allowed in when.items():
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"reward {key!r}: 'when' keys must be column names, got {column!r}")
+        values = tuple(allowed) if isinstance(allowed, (list, tuple, set, frozenset)) else (allowed,)
+        if not values:
+            raise ValueError(f"reward {key!r}: 'when.{column}' allows no value")
+        rule[column] = values
+    return rule
+
+
+def _routed(key: str, rule: Mapping[str, tuple[Any, ...]], columns: Mapping[str, Any], batch_size: int
+            ) -> list[int]:
+    """Indices of the samples whose columns satisfy ``rule``."""
+    for column in rule:
+        if column not in columns:
+            raise RewardError(key, f"'when' reads the column {column!r}, which the batch does not have "
+                                   f"(columns: {sorted(columns)})")
+        if len(columns[column]) != batch_size:
+            raise RewardError(key, f"column {column!r} has {len(columns[column])} values for {batch_size} samples")
+    return [i for i in range(batch_size) if all(columns[c][i] in allowed for c, allowed in rule.items())]
 
 
 def _check_weight(key: str, weight: Any) -> None:
@@ -199,11 +239,7 @@ class WeightedReward:
             RewardError: from a component (policy ``"raise"``), or for a sample every component left ``None``
                 when ``all_none="error"``.
         """
-        breakdown = {
-            c.key: call_reward(c.fn, prompts, completions, name=c.key, on_error=c.on_error or self.on_error,
-                               **columns)
-            for c in self.components
-        }
+        breakdown = {c.key: self._score(c, prompts, completions, columns) for c in self.components}
         totals = self.combine_fn(breakdown, self.weights, self.eps)
         for i, t in enumerate(totals):
             if t is None and self.all_none == "error":
@@ -212,6 +248,27 @@ class WeightedReward:
         if self.normalize:
             total = [float(z) for z in zscore(total, self.eps)]
         return RewardOutput(total=total, breakdown=breakdown)
+
+    def _score(self, c: _Component, prompts: Sequence[Any], completions: Sequence[Any],
+               columns: Mapping[str, Any]) -> Scores:
+        """One component's scores; a routed component sees only its samples and leaves ``None`` elsewhere."""
+        on_error = c.on_error or self.on_error
+        if c.when is None:
+            return call_reward(c.fn, prompts, completions, name=c.key, on_error=on_error, **columns)
+        keep = _routed(c.key, c.when, columns, len(completions))
+        scores: list[float | None] = [None] * len(completions)
+        if not keep:
+            return scores
+        try:
+            sub = call_reward(c.fn, [prompts[i] for i in keep], [completions[i] for i in keep], name=c.key,
+                              on_error=on_error, **{k: [v[i] for i in keep] for k, v in columns.items()})
+        except RewardError as exc:  # report the sample's index in the whole batch
+            if exc.index is None:
+                raise
+            raise RewardError(c.key, exc.message, keep[exc.index]) from exc
+        for i, score in zip(keep, sub):
+            scores[i] = score
+        return scores
 
 
 def _build_components(
@@ -231,8 +288,8 @@ def _build_components(
         if weights is not None:
             raise ValueError("weights must be given inside each RewardSpec when components is a sequence")
         specs = [s if isinstance(s, RewardSpec) else RewardSpec.from_dict(s) for s in components]
-        built = [_Component(s.key or s.name, get_reward(s.name, **s.kwargs), float(s.weight), s.on_error)
-                 for s in specs]
+        built = [_Component(s.key or s.name, get_reward(s.name, **s.kwargs), float(s.weight), s.on_error,
+                            _check_when(s.key or s.name, s.when)) for s in specs]
     if not built:
         raise ValueError("a weighted reward needs at least one component")
     keys = [c.key for c in built]

@@ -52,6 +52,7 @@ class RewardError(RuntimeError):
     Attributes:
         reward: Name of the reward.
         index: Index of the failing sample in the batch, or ``None`` when it concerns the whole batch.
+        message: What went wrong.
     """
 
     def __init__(self, reward: str, message: str, index: int | None = None) -> None:
@@ -59,6 +60,7 @@ class RewardError(RuntimeError):
         super().__init__(f"reward {reward!r} failed{where}: {message}")
         self.reward = reward
         self.index = index
+        self.message = message
 
 
 # ----------------------------------------------------------------------------------------------- text

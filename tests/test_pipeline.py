@@ -162,7 +162,8 @@ def test_short_full_pipeline_writes_report_and_loadable_checkpoints(tmp_path):
                                    "train": rm_train},
                        "safety": {"data": {**pref, "schema": "preference", "n": 32}, "train": rm_train}}},
         rl_pref={"data": pref, "steps": 2,
-                 "rewards": [{"name": "rm:helpful", "weight": 0.5}, {"name": "rm:safety", "weight": 0.5},
+                 "rewards": [{"name": "rm:helpful", "weight": 0.5},
+                             {"name": "rm:safety", "weight": 0.5, "when": {"category": "harmful"}},
                              {"name": "format", "weight": 0.2}],
                  "grpo": {"group_size": 4, "prompts_per_step": 2, "minibatch_size": 8, "micro_batch_size": 8,
                           "lr": 1e-3, "beta": 0.0, "max_new_tokens": 12, "total_steps": 2}},
@@ -176,7 +177,8 @@ def test_short_full_pipeline_writes_report_and_loadable_checkpoints(tmp_path):
     assert list(report["phases"]) == ["base", "sft", "rl_reason", "rl_pref"]
     for phase in report["phases"].values():
         assert 0.0 <= phase["accuracy"] <= 1.0
-        assert {"preference", "rm:helpful", "rm:safety", "format"} <= set(phase["rewards"])
+        names = {"preference", "rm:helpful", "rm:safety", "format"}
+        assert names | {f"{n} (sampled)" for n in names} <= set(phase["rewards"])
     assert report["alignment_tax"] is not None
     assert (run / "report.md").read_text().count("| rl_pref |") == 1
     assert (run / "plots" / "reward.png").exists()

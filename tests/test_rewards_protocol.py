@@ -251,3 +251,42 @@ def test_combination_config_errors():
         RewardSpec(name="")
     with pytest.raises(ValueError, match=r"unknown reward spec key\(s\) \['wieght'\]"):
         combine([{"name": "format", "wieght": 2.0}])
+
+
+def seen_by(prompts, completions, **columns):
+    """Scores 10 * (position within the batch it was given) + len(completion): shows what it was passed."""
+    return [10.0 * i + len(c) for i, c in enumerate(completions)]
+
+
+def test_when_routes_a_component_to_matching_rows():
+    specs = [
+        {"name": "tests.test_rewards_protocol:seen_by", "key": "general", "weight": 0.5,
+         "when": {"category": "harmful"}},
+        {"name": "tests.test_rewards_protocol:text_length", "key": "len", "when": {"category": ["benign", "x"]}},
+    ]
+    completions, cats = ["a", "bb", "ccc", "dddd"], ["harmful", "benign", "harmful", "other"]
+    out = combine(specs, all_none="zero")(["p"] * 4, completions, category=cats)
+    # 'general' is called on rows 0 and 2 only, so it sees them as positions 0 and 1.
+    assert out.breakdown == {"general": [1.0, None, 13.0, None], "len": [None, 2.0, None, None]}
+    assert out.total == [0.5, 2.0, 6.5, 0.0]
+    with pytest.raises(RewardError, match="failed at sample 3: every component returned None"):
+        combine(specs)(["p"] * 4, completions, category=cats)
+    # Several columns must all match; nothing matching never calls the reward.
+    both = combine([{"name": "tests.test_rewards_protocol:seen_by", "when": {"category": "harmful", "lang": "en"}}],
+                   all_none="zero")
+    out = both(["p"] * 3, ["a", "bb", "ccc"], category=["harmful", "harmful", "benign"], lang=["fr", "en", "en"])
+    assert out.breakdown["tests.test_rewards_protocol:seen_by"] == [None, 2.0, None]
+    assert both(["p"], ["a"], category=["benign"], lang=["en"]).breakdown == {
+        "tests.test_rewards_protocol:seen_by": [None]}
+
+
+def test_when_errors_name_the_reward_and_the_whole_batch_index():
+    routed = combine([{"name": "tests.test_rewards_protocol:failing_on_b", "key": "fb", "when": {"k": 1}}])
+    with pytest.raises(RewardError, match=r"reward 'fb' failed at sample 3: ZeroDivisionError"):
+        routed(["p"] * 4, ["b", "a", "a", "b"], k=[0, 1, 0, 1])
+    with pytest.raises(RewardError, match=r"'when' reads the column 'k', which the batch does not have"):
+        routed(["p"], ["a"], other=[1])
+    with pytest.raises(ValueError, match=r"reward 'format': 'when' must be a non-empty mapping"):
+        RewardSpec(name="format", when={})
+    with pytest.raises(ValueError, match=r"'when.category' allows no value"):
+        RewardSpec(name="format", when={"category": []})

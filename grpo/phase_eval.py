@@ -14,6 +14,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from grpo.evaluate import EvalConfig, evaluate_checkpoint
+from grpo.report import ON_STAGE2_PROMPTS
 from rewards.combine import combine
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def evaluate_run(p: Pipeline) -> dict[str, dict[str, Any]]:
             for key, value in _preference(str(path), pref_rows, pref_reward, pref_config, phase).items():
                 # a stage-2 component that shares a name with a held-out metric (``accuracy`` as part of the
                 # rule reward) is reported beside it, on the stage-2 prompts
-                entry["rewards"][f"{key} (stage-2 prompts)" if key in entry["rewards"] else key] = value
+                entry["rewards"][key + ON_STAGE2_PROMPTS if key in entry["rewards"] else key] = value
         evals[phase] = entry
         p.logger.log("eval", len(evals), {f"eval/{phase}/{k}": v for k, v in entry["rewards"].items()
                                            if v is not None})

@@ -503,6 +503,7 @@ def _baseline(phases: Sequence[str], target: str, preferred: str) -> str | None:
 
 
 PREFERENCE_TOTAL = "preference"  # the weighted stage-2 reward itself, when an evaluation reports it
+ON_STAGE2_PROMPTS = " (stage-2 prompts)"  # a stage-2 component sharing a held-out metric's name (``accuracy``)
 
 
 def _preference_names(recipe: Mapping[str, Any] | None) -> list[str]:
@@ -539,7 +540,9 @@ def compute_deltas(evals: Mapping[str, PhaseEval], recipe: Mapping[str, Any] | N
     if base2 is not None:
         before, after = evals[base2].rewards, evals["rl_pref"].rewards
         shared = [k for k in after if k in before]
-        wanted = [k for k in _preference_names(recipe) if k in shared]
+        # a component named like a held-out metric is evaluated on the stage-2 prompts under its own name
+        names = [k + ON_STAGE2_PROMPTS if k + ON_STAGE2_PROMPTS in shared else k for k in _preference_names(recipe)]
+        wanted = [k for k in names if k in shared]
         deltas["stage2_reward_change"] = {
             "from": base2, "to": "rl_pref", "values": {k: _diff(before[k], after[k]) for k in shared},
             "preference": wanted or shared}

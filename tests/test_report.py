@@ -338,6 +338,20 @@ def test_report_numbers_match_hand_computed_values(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "plots", "report.json", "report.md"]
 
 
+def test_stage2_preference_lists_sampled_rewards_and_the_stage2_prompt_accuracy(tmp_path):
+    # ``accuracy`` is both the held-out metric and a stage-2 component: the component, measured on the stage-2
+    # prompts, is the one that belongs to the preference reward
+    recipe = {"rl_pref": {"rewards": [{"name": "rm:safety", "weight": 0.5}, {"name": "accuracy", "weight": 1.0}]}}
+    names = ("preference", "rm:safety", "accuracy (stage-2 prompts)", "preference (sampled)", "accuracy (sampled)")
+    evals = {"rl_reason": {"accuracy": 0.50, "rewards": {"accuracy": 0.50, **dict.fromkeys(names, 0.0)}},
+             "rl_pref": {"accuracy": 0.45, "rewards": {"accuracy": 0.45, **dict.fromkeys(names, 0.5)}}}
+    _, json_path = write_report(tmp_path, evals, recipe=recipe)
+    s2 = _no_nan_json(json_path)["deltas"]["stage2_reward_change"]
+    assert s2["preference"] == ["preference", "rm:safety", "accuracy (stage-2 prompts)", "preference (sampled)",
+                                "accuracy (sampled)"]
+    assert s2["values"]["accuracy"] == pytest.approx(-0.05)  # still reported, but not as a preference reward
+
+
 def test_negative_alignment_tax_and_fallback_baselines(tmp_path):
     evals = {"base": {"accuracy": 0.2, "rewards": {"helpful": 0.1}},
              "rl_reason": {"accuracy": 0.5, "rewards": {"helpful": 0.0}},

@@ -3,9 +3,9 @@
 For each checkpoint (``base``, ``sft``, ``rl_reason``, ``rl_pref`` when present) it measures greedy accuracy and
 format rate on the held-out reasoning problems, and the mean preference reward (the stage-2 combination
 ``c1*helpful + c2*safety + c3*rule``, with each component) on held-out stage-2 prompts, over the greedy
-completions and over ``pref_samples`` sampled completions per prompt (reported with the suffix ``(sampled)``). ``report.md`` /
-``report.json`` tabulate them with the deltas that matter (stage-1 gain, stage-2 preference gain, the alignment
-tax), next to the training curves.
+completions and over ``pref_samples`` sampled completions per prompt (reported with the suffix ``(sampled)``).
+``report.md`` / ``report.json`` tabulate them with the deltas that matter (stage-1 gain, stage-2 preference gain,
+the alignment tax), next to the training curves.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from grpo.evaluate import EvalConfig, evaluate_checkpoint
-from grpo.report import ON_STAGE2_PROMPTS
+from grpo.report import ON_STAGE2_PROMPTS, SAMPLED
 from rewards.combine import combine
 
 if TYPE_CHECKING:
@@ -24,9 +24,6 @@ if TYPE_CHECKING:
 def _mean(values: list[Any]) -> float | None:
     valid = [float(v) for v in values if v is not None]
     return sum(valid) / len(valid) if valid else None
-
-
-SAMPLED = " (sampled)"
 
 
 def _mean_scores(reward: Any, rows: list[dict], completions: list[str], repeat: int, suffix: str = ""

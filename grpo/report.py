@@ -504,6 +504,7 @@ def _baseline(phases: Sequence[str], target: str, preferred: str) -> str | None:
 
 PREFERENCE_TOTAL = "preference"  # the weighted stage-2 reward itself, when an evaluation reports it
 ON_STAGE2_PROMPTS = " (stage-2 prompts)"  # a stage-2 component sharing a held-out metric's name (``accuracy``)
+SAMPLED = " (sampled)"  # a preference reward averaged over sampled completions
 
 
 def _preference_names(recipe: Mapping[str, Any] | None) -> list[str]:
@@ -511,7 +512,7 @@ def _preference_names(recipe: Mapping[str, Any] | None) -> list[str]:
     specs = ((recipe or {}).get("rl_pref") or {}).get("rewards") or []
     names = [s.get("key") or s.get("name") for s in specs if isinstance(s, Mapping)]
     names = [PREFERENCE_TOTAL, *names] if names else names
-    return [*names, *(f"{n} (sampled)" for n in names)]
+    return [*names, *(n + SAMPLED for n in names)]
 
 
 def compute_deltas(evals: Mapping[str, PhaseEval], recipe: Mapping[str, Any] | None = None

@@ -271,9 +271,11 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(c_kv).view(b, s, self.n_heads, -1).split([self.d_nope, self.d_v], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, H, T, d_h + d_h^R]
         k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1).transpose(1, 2)
+        # Fused attention kernels (CPU flash included) want v as wide as q/k: zero-pad v, drop the pad after.
+        v = F.pad(v, (0, q.shape[-1] - self.d_v)) if self.d_v < q.shape[-1] else v
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask.mask,
-                                             is_causal=mask.is_causal, scale=self.scale)  # [B, H, T, d_v]
-        return out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_v)
+                                             is_causal=mask.is_causal, scale=self.scale)  # [B, H, T, d]
+        return out[..., : self.d_v].transpose(1, 2).reshape(b, t, self.n_heads * self.d_v)
 
     def attend_absorbed(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, mask: AttentionMask) -> Tensor:
         """Attention directly over cached latents ``latent [B, S, d_c + d_h^R]`` (``[c_kv; k_pe]``).
@@ -290,7 +292,8 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # [B, H, T, d_c]
         q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, d_c + d_h^R]
         k = latent[:, None]  # [B, 1, S, d_c + d_h^R]
-        v = latent[:, None, :, : self.kv_lora_rank]  # [B, 1, S, d_c]
+        # The values are the first d_c columns of the keys; attending with v = k keeps q/k/v one width (fused
+        # kernels need that) and the extra d_h^R output columns are dropped below.
         # One shared key/value head: fold the query heads into the query rows (row = h * T + t) so attention
         # runs as a single head, instead of SDPA broadcasting the latents to every head.
         s = latent.shape[1]
@@ -299,9 +302,9 @@ class MLA(nn.Module):
             attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]
         if attn_mask is not None:
             attn_mask = attn_mask.expand(attn_mask.shape[0], self.n_heads, t, s).reshape(-1, 1, self.n_heads * t, s)
-        o_lat = F.scaled_dot_product_attention(q.reshape(b, 1, self.n_heads * t, -1), k, v, attn_mask=attn_mask,
-                                               scale=self.scale)  # [B, 1, H * T, d_c]
-        o_lat = o_lat.view(b, self.n_heads, t, self.kv_lora_rank)  # [B, H, T, d_c]
+        o_lat = F.scaled_dot_product_attention(q.reshape(b, 1, self.n_heads * t, -1), k, k, attn_mask=attn_mask,
+                                               scale=self.scale)  # [B, 1, H * T, d_c + d_h^R]
+        o_lat = o_lat[..., : self.kv_lora_rank].reshape(b, self.n_heads, t, self.kv_lora_rank)  # [B, H, T, d_c]
         out = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # [B, T, H, d_v]
         return out.reshape(b, t, self.n_heads * self.d_v)
 

@@ -3,7 +3,8 @@
 The model's backbone (``model.get_decoder()``) runs on the whole sequence; only the hidden states that
 predict completion tokens go through the LM head, inside :func:`kernels.token_logprobs`, which works in chunks
 of tokens and recomputes each chunk's logits in the backward pass. Position ids come from the attention mask
-(``cumsum - 1``), so left-padded prompts see the same positions as unpadded ones.
+(``cumsum - 1``), so left-padded prompts see the same positions as unpadded ones. A backbone with
+``supports_shared_prefix`` (ours) computes a context shared by several rows once (a prompt and its G samples).
 
 LM heads, from the model's ``get_output_embeddings()`` and its config:
 
@@ -130,11 +131,15 @@ def _make_batch(input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int |
 
 def _fused_logprobs(model: nn.Module, head: LMHead, batch: _Batch, kw: dict[str, Any]) -> Pair:
     """Backbone, then the chunked kernel over valid completion tokens: ``(logp [M], entropy [M] | None)``."""
-    out = model.get_decoder()(
+    decoder = model.get_decoder()
+    # Rows sharing a prompt (the G samples of a group) run it once where the backbone supports that.
+    shared = {"shared_prefix": batch.start} if getattr(decoder, "supports_shared_prefix", False) else {}
+    out = decoder(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         use_cache=False,
+        **shared,
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [N, L, H]
     hidden = hidden[:, batch.start - 1 : batch.stop - 1][batch.valid].to(head.weight.dtype)  # [M, H]

@@ -215,6 +215,91 @@ def build_attention_mask(attention_mask: Tensor | None, batch: int, new: int, pa
     return AttentionMask(mask, False)
 
 
+# ----------------------------------------------------------------------------------------------- shared prefix
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Rows that begin with the same ``P`` tokens (a prompt and its G sampled completions) compute them once.
+
+    Hidden states then travel flat, ``[1, M, D]`` with ``M = B*P + N*T``: the ``B`` distinct prefixes of ``P``
+    tokens, then the ``N`` rows' suffixes of ``T`` tokens. Every op but attention works per token; attention
+    splits the two parts (:meth:`MLA.attend_shared`): prefix queries attend within their prefix, suffix queries
+    to their row's prefix and their own suffix. The output is the unshared forward's, up to float rounding.
+
+    Attributes:
+        rows: ``[N]`` which prefix each row starts with.
+        prefix_len: P.
+        prefix_mask: ``[B, P]`` attention mask of the distinct prefixes.
+        mask: ``[N, P + T]`` the rows' attention mask.
+        ids: ``[1, M]`` flat token ids.
+        positions: ``[1, M]`` flat position ids.
+        attn_prefix: The prefixes' attention pattern (``P`` queries over ``P`` keys).
+        attn_suffix: The suffixes' attention pattern (``T`` queries over ``P + T`` keys).
+    """
+
+    rows: Tensor
+    prefix_len: int
+    prefix_mask: Tensor
+    mask: Tensor
+    ids: Tensor
+    positions: Tensor
+    attn_prefix: AttentionMask
+    attn_suffix: AttentionMask
+
+    @classmethod
+    def find(cls, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, prefix_len: int
+             ) -> SharedPrefix | None:
+        """The layout of ``input_ids [N, L]`` when at least two rows share their first ``prefix_len`` tokens
+        (ids, mask and positions alike), else None."""
+        n, length = input_ids.shape
+        p = prefix_len
+        key = torch.cat((input_ids[:, :p].long(), attention_mask[:, :p].long(), position_ids[:, :p].long()), 1)
+        distinct, rows = torch.unique(key, dim=0, return_inverse=True)  # [B, 3P], [N]
+        if distinct.shape[0] == n:
+            return None
+        b, t = distinct.shape[0], length - p
+        prefix_mask = distinct[:, p:2 * p]
+        ids = torch.cat((distinct[:, :p].reshape(-1), input_ids[:, p:].long().reshape(-1)))[None]
+        positions = torch.cat((distinct[:, 2 * p:].reshape(-1), position_ids[:, p:].long().reshape(-1)))[None]
+        device = input_ids.device
+        return cls(rows, p, prefix_mask, attention_mask, ids, positions,
+                   build_attention_mask(prefix_mask, b, p, 0, device),
+                   build_attention_mask(attention_mask, n, t, p, device))
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``[1, M, ...]`` -> prefixes ``[B, P, ...]`` and suffixes ``[N, T, ...]``."""
+        n, b, p = self.mask.shape[0], self.prefix_mask.shape[0], self.prefix_len
+        head, tail = x[0].split([b * p, x.shape[1] - b * p])
+        return head.view(b, p, *x.shape[2:]), tail.view(n, -1, *x.shape[2:])
+
+    def expand(self, x: Tensor) -> Tensor:
+        """``[1, M, ...]`` -> every row's full sequence ``[N, P + T, ...]`` (its prefix, then its suffix)."""
+        head, tail = self.split(x)
+        return torch.cat((head[self.rows], tail), dim=1)
+
+    @staticmethod
+    def join(head: Tensor, tail: Tensor) -> Tensor:
+        """Inverse of :meth:`split`: ``[B, P, ...]``, ``[N, T, ...]`` -> ``[1, M, ...]``."""
+        return torch.cat((head.flatten(0, 1), tail.flatten(0, 1)))[None]
+
+    @property
+    def valid(self) -> Tensor:
+        """``[1, M]`` bool, False at padding."""
+        return self.join(self.prefix_mask, self.mask[:, self.prefix_len:]).bool()
+
+    @property
+    def token_rows(self) -> Tensor:
+        """``[1, M]`` how many rows each real token stands for (prefix tokens count once per row sharing them)."""
+        share = torch.bincount(self.rows, minlength=self.prefix_mask.shape[0])  # [B]
+        return self.join(self.prefix_mask * share[:, None], self.mask[:, self.prefix_len:].long())
+
+    def balance_losses(self, probs: Tensor, indices: Tensor, n_group: int, topk_group: int) -> dict[str, Tensor]:
+        """:func:`balance_losses` of the full rows, from flat ``probs [M, E]`` and ``indices [M, K]``."""
+        (p_probs, s_probs), (p_idx, s_idx) = self.split(probs[None]), self.split(indices[None])
+        sums = (_balance_sums(p_probs, p_idx, self.prefix_mask.bool(), n_group)[self.rows]
+                + _balance_sums(s_probs, s_idx, self.mask[:, self.prefix_len:].bool(), n_group))
+        return _balance_from_sums(sums, indices.shape[-1], n_group, topk_group)
+
+
 # ----------------------------------------------------------------------------------------------- MLA
 class MLA(nn.Module):
     """Multi-head Latent Attention with decoupled RoPE.
@@ -260,6 +345,23 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)
         return q_nope, q_pe, c_kv, k_pe
 
+    def expand_kv(self, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head keys and values from the latents ``c_kv [B, S, d_c]``, ``k_pe [B, S, d_h^R]``:
+        ``k [B, S, H, d_h + d_h^R]``, ``v [B, S, H, d_v]``."""
+        b, s = c_kv.shape[:2]
+        k_nope, v = self.kv_b_proj(c_kv).view(b, s, self.n_heads, -1).split([self.d_nope, self.d_v], dim=-1)
+        return torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        """``q [B, T, H, d]``, ``k [B, S, H, d]``, ``v [B, S, H, d_v]`` -> ``[B, T, H * d_v]`` (before ``o_proj``)."""
+        b, t = q.shape[:2]
+        # Fused attention kernels (CPU flash included) want v as wide as q/k: zero-pad v, drop the pad after.
+        v = F.pad(v, (0, q.shape[-1] - self.d_v)) if self.d_v < q.shape[-1] else v
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask.mask, is_causal=mask.is_causal,
+                                             scale=self.scale)  # [B, H, T, d]
+        return out[..., : self.d_v].transpose(1, 2).reshape(b, t, self.n_heads * self.d_v)
+
     def attend_naive(self, q_nope: Tensor, q_pe: Tensor, c_kv: Tensor, k_pe: Tensor,
                      mask: AttentionMask) -> Tensor:
         """Attention with k, v expanded from the latents: ``c_kv [B, S, d_c]``, ``k_pe [B, S, d_h^R]``.
@@ -267,15 +369,23 @@ class MLA(nn.Module):
         Returns:
             ``[B, T, H * d_v]`` (before ``o_proj``).
         """
-        b, t, s = q_nope.shape[0], q_nope.shape[1], c_kv.shape[1]
-        k_nope, v = self.kv_b_proj(c_kv).view(b, s, self.n_heads, -1).split([self.d_nope, self.d_v], dim=-1)
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B, H, T, d_h + d_h^R]
-        k = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)), dim=-1).transpose(1, 2)
-        # Fused attention kernels (CPU flash included) want v as wide as q/k: zero-pad v, drop the pad after.
-        v = F.pad(v, (0, q.shape[-1] - self.d_v)) if self.d_v < q.shape[-1] else v
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask.mask,
-                                             is_causal=mask.is_causal, scale=self.scale)  # [B, H, T, d]
-        return out[..., : self.d_v].transpose(1, 2).reshape(b, t, self.n_heads * self.d_v)
+        k, v = self.expand_kv(c_kv, k_pe)
+        return self.attend(torch.cat((q_nope, q_pe), dim=-1), k, v, mask)
+
+    def attend_shared(self, q_nope: Tensor, q_pe: Tensor, c_kv: Tensor, k_pe: Tensor,
+                      shared: SharedPrefix) -> Tensor:
+        """:meth:`attend_naive` over the flat tokens of a :class:`SharedPrefix` layout (all inputs
+        ``[1, M, ...]``): the prefixes attend within themselves, each suffix to its prefix and itself.
+
+        Returns:
+            ``[1, M, H * d_v]`` (before ``o_proj``).
+        """
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k, v = self.expand_kv(c_kv, k_pe)
+        (q_head, q_tail), (k_head, _), (v_head, _) = shared.split(q), shared.split(k), shared.split(v)
+        head = self.attend(q_head, k_head, v_head, shared.attn_prefix)  # [B, P, H * d_v]
+        tail = self.attend(q_tail, shared.expand(k), shared.expand(v), shared.attn_suffix)  # [N, T, H * d_v]
+        return shared.join(head, tail)
 
     def attend_absorbed(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, mask: AttentionMask) -> Tensor:
         """Attention directly over cached latents ``latent [B, S, d_c + d_h^R]`` (``[c_kv; k_pe]``).
@@ -309,11 +419,15 @@ class MLA(nn.Module):
         return out.reshape(b, t, self.n_heads * self.d_v)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
-                cache: LatentKVCache | None = None, layer_idx: int = 0) -> Tensor:
+                cache: LatentKVCache | None = None, layer_idx: int = 0, shared: SharedPrefix | None = None
+                ) -> Tensor:
         """``h [B, T, D]`` -> ``[B, T, D]``; with ``cache``, writes this layer's latents at ``cache.seq_len``
-        and attends through the absorbed path over everything cached."""
+        and attends through the absorbed path over everything cached; with ``shared``, ``h`` is its flat
+        layout ``[1, M, D]``."""
         q_nope, q_pe, c_kv, k_pe = self.project(h, cos, sin)
-        if cache is None:
+        if shared is not None:
+            out = self.attend_shared(q_nope, q_pe, c_kv, k_pe, shared)
+        elif cache is None:
             out = self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
         else:
             latent = cache.write(layer_idx, c_kv, k_pe)  # [B, seq_len + T, d_c + d_h^R]
@@ -475,20 +589,37 @@ def balance_losses(probs: Tensor, indices: Tensor, valid: Tensor, n_group: int, 
     Returns:
         ``{"expert_balance", "device_balance", "comm_balance"}`` scalars.
     """
+    sums = _balance_sums(probs, indices, valid, n_group)
+    return _balance_from_sums(sums, indices.shape[-1], n_group, topk_group)
+
+
+def _balance_sums(probs: Tensor, indices: Tensor, valid: Tensor, n_group: int) -> Tensor:
+    """Per-sequence sums behind :func:`balance_losses`, additive over tokens: ``[B, 2E + D + 1]`` =
+    (tokens choosing each expert, summed affinities, tokens sent to each device, real tokens)."""
     b, t, e = probs.shape
     k = indices.shape[-1]
-    per_group = e // n_group
     v = valid.to(probs.dtype)  # [B, T]
-    n_tok = v.sum(dim=1).clamp(min=1)  # [B]
     counts = torch.zeros(b, e, device=probs.device).scatter_add_(
         1, indices.reshape(b, t * k), v[:, :, None].expand(b, t, k).reshape(b, t * k))  # [B, E]
+    p_sum = (probs * v[:, :, None]).sum(dim=1)  # [B, E]
+    sent = torch.zeros(b, t, n_group, device=probs.device).scatter_(2, indices // (e // n_group), 1.0)
+    sent = (sent * v[:, :, None]).sum(dim=1)  # [B, D]
+    return torch.cat((counts, p_sum, sent, v.sum(dim=1, keepdim=True)), dim=1)
+
+
+def _balance_from_sums(sums: Tensor, k: int, n_group: int, topk_group: int) -> dict[str, Tensor]:
+    """:func:`balance_losses` from :func:`_balance_sums` (``[B, 2E + D + 1]``) and ``K``."""
+    b = sums.shape[0]
+    e = (sums.shape[1] - n_group - 1) // 2
+    per_group = e // n_group
+    counts, p_sum, sent, n_real = sums.split([e, e, n_group, 1], dim=1)
+    n_tok = n_real.squeeze(1).clamp(min=1)  # [B]
     f = counts * e / (k * n_tok[:, None])  # [B, E]
-    p = (probs * v[:, :, None]).sum(dim=1) / n_tok[:, None]  # [B, E]
+    p = p_sum / n_tok[:, None]  # [B, E]
     f_dev = f.view(b, n_group, per_group).mean(dim=-1)  # [B, D]
     p_dev = p.view(b, n_group, per_group).sum(dim=-1)  # [B, D]
-    sent = torch.zeros(b, t, n_group, device=probs.device).scatter_(2, indices // per_group, 1.0)  # [B, T, D]
-    f_comm = (sent * v[:, :, None]).sum(dim=1) * n_group / (topk_group * n_tok[:, None])  # [B, D]
-    has = valid.any(dim=1).to(probs.dtype)  # [B]
+    f_comm = sent * n_group / (topk_group * n_tok[:, None])  # [B, D]
+    has = (n_real.squeeze(1) > 0).to(sums.dtype)  # [B]
     denom = has.sum().clamp(min=1)
 
     def mean_over_sequences(per_seq: Tensor) -> Tensor:
@@ -586,10 +717,11 @@ class MoE(nn.Module):
         shared = config.moe_intermediate_size * config.n_shared_experts
         self.shared_experts = MLP(config, shared) if config.n_shared_experts else None
 
-    def forward(self, x: Tensor, valid: Tensor | None, with_losses: bool = True
-                ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def forward(self, x: Tensor, valid: Tensor | None, with_losses: bool = True,
+                shared: SharedPrefix | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """``x [B, T, D]``, ``valid [B, T]`` (None = all real) -> ``(y [B, T, D], balance losses, counts [E])``
-        where ``counts`` are real tokens per expert; ``with_losses=False`` skips the losses (``{}``)."""
+        where ``counts`` are real tokens per expert; ``with_losses=False`` skips the losses (``{}``). With
+        ``shared``, ``x`` is its flat layout ``[1, M, D]`` and losses and counts are those of the full rows."""
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         route = self.gate(flat)
@@ -599,11 +731,14 @@ class MoE(nn.Module):
         valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if valid is None else valid
         c = self.config
         losses = {}
-        if with_losses:
+        if with_losses and shared is not None:
+            losses = shared.balance_losses(route.probs, route.indices, c.n_group, c.topk_group)
+        elif with_losses:
             losses = balance_losses(route.probs.view(b, t, -1), route.indices.view(b, t, -1), valid, c.n_group,
                                     c.topk_group)
         with torch.no_grad():  # real tokens per expert, without a host sync
-            real = valid.reshape(-1, 1).expand_as(route.indices).reshape(-1).long()
+            real = valid.long() if shared is None else shared.token_rows  # [B, T]
+            real = real.reshape(-1, 1).expand_as(route.indices).reshape(-1)
             counts = torch.zeros(c.n_routed_experts, dtype=torch.long, device=x.device).scatter_add_(
                 0, route.indices.reshape(-1), real)
         return y, losses, counts
@@ -623,12 +758,15 @@ class Block(nn.Module):
         self.mlp = MoE(config) if self.is_moe else MLP(config, config.intermediate_size)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask, valid: Tensor | None,
-                cache: LatentKVCache | None = None) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
-        """``h [B, T, D]`` -> ``(h, balance losses ({} for a dense layer), tokens per expert or None)``."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, self.layer_idx)
+                cache: LatentKVCache | None = None, shared: SharedPrefix | None = None
+                ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """``h [B, T, D]`` (``[1, M, D]`` with ``shared``) -> ``(h, balance losses ({} for a dense layer),
+        tokens per expert or None)``."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, self.layer_idx, shared)
         if not self.is_moe:
             return h + self.mlp(self.post_attention_layernorm(h)), {}, None
-        y, losses, counts = self.mlp(self.post_attention_layernorm(h), valid, with_losses=cache is None)
+        y, losses, counts = self.mlp(self.post_attention_layernorm(h), valid, with_losses=cache is None,
+                                     shared=shared)
         return h + y, losses, counts
 
 
@@ -658,6 +796,8 @@ def _zero_losses(device: torch.device) -> dict[str, Tensor]:
 class DeepSeekModel(nn.Module):
     """The backbone: ``embed_tokens -> layers -> norm``; returns :class:`ModelOutput` (no logits)."""
 
+    supports_shared_prefix = True  # forward takes ``shared_prefix`` (see :class:`SharedPrefix`)
+
     def __init__(self, config: DeepSeekConfig) -> None:
         super().__init__()
         self.config = config
@@ -670,7 +810,8 @@ class DeepSeekModel(nn.Module):
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                cache: LatentKVCache | None = None, use_cache: bool | None = None) -> ModelOutput:
+                cache: LatentKVCache | None = None, use_cache: bool | None = None, shared_prefix: int = 0
+                ) -> ModelOutput:
         """Runs the decoder.
 
         Args:
@@ -683,6 +824,10 @@ class DeepSeekModel(nn.Module):
                 attention runs through the absorbed MLA path; ``cache.seq_len`` then advances by ``T``.
                 Decoding is inference only: balance losses are not computed (zeros).
             use_cache: Accepted for transformers compatibility; caching is decided by ``cache`` alone.
+            shared_prefix: ``P > 0``: rows whose first ``P`` tokens (ids, mask, positions) are identical run
+                them once (:class:`SharedPrefix`; the GRPO log-prob passes, where G completions share a prompt).
+                The results (outputs, balance losses, routing counts) are the unshared ones; it applies only
+                with an ``attention_mask`` and no ``cache``, and is skipped when no two rows share a prefix.
 
         Returns:
             :class:`ModelOutput` with ``last_hidden_state [B, T, H]`` and ``aux_losses``.
@@ -697,24 +842,36 @@ class DeepSeekModel(nn.Module):
             position_ids = torch.arange(past, past + t, device=device).expand(b, t)
         elif tuple(position_ids.shape) != (b, t):
             raise ValueError(f"position_ids: expected shape ({b}, {t}), got {tuple(position_ids.shape)}")
-        mask = build_attention_mask(attention_mask, b, t, past, device, given_positions)
-        valid = None if attention_mask is None else attention_mask[:, past:].to(device=device, dtype=torch.bool)
+        if not isinstance(shared_prefix, int) or not 0 <= shared_prefix < max(t, 1):
+            raise ValueError(f"shared_prefix: expected an int in [0, {t}) (tokens before the last), got "
+                             f"{shared_prefix!r}")
+        shared = None
+        if shared_prefix and cache is None and attention_mask is not None:
+            shared = SharedPrefix.find(input_ids, attention_mask, position_ids, shared_prefix)
+        if shared is not None:  # run the flat layout: distinct prefixes, then every row's suffix
+            input_ids, position_ids, mask, valid = shared.ids, shared.positions, shared.attn_suffix, shared.valid
+        else:
+            mask = build_attention_mask(attention_mask, b, t, past, device, given_positions)
+            valid = None if attention_mask is None else attention_mask[:, past:].to(device=device, dtype=torch.bool)
         cos, sin = self.rotary_emb(position_ids)
         h = self.embed_tokens(input_ids)
         losses = _zero_losses(device)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if use_ckpt:
-                h, layer_losses, counts = checkpoint(layer, h, cos, sin, mask, valid, **self.checkpoint_kwargs)
+                h, layer_losses, counts = checkpoint(layer, h, cos, sin, mask, valid, None, shared,
+                                                     **self.checkpoint_kwargs)
             else:
-                h, layer_losses, counts = layer(h, cos, sin, mask, valid, cache)
+                h, layer_losses, counts = layer(h, cos, sin, mask, valid, cache, shared)
             for name, value in layer_losses.items():
                 losses[name] = losses[name] + value
             if counts is not None:
                 layer.mlp.gate.record(counts)
         if cache is not None:
             cache.advance(t)
-        return ModelOutput(last_hidden_state=self.norm(h), aux_losses=losses, cache=cache)
+        h = self.norm(h)
+        return ModelOutput(last_hidden_state=h if shared is None else shared.expand(h), aux_losses=losses,
+                           cache=cache)
 
     # --------------------------------------------------------------- routing
     def moe_gates(self) -> dict[int, Gate]:
@@ -764,11 +921,11 @@ class DeepSeekForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 cache: LatentKVCache | None = None, *, compute_logits: bool = True,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int = 0, shared_prefix: int = 0) -> ModelOutput:
         """Runs the decoder and the output head.
 
         Args:
-            input_ids, attention_mask, position_ids, cache: As :meth:`DeepSeekModel.forward`.
+            input_ids, attention_mask, position_ids, cache, shared_prefix: As :meth:`DeepSeekModel.forward`.
             compute_logits: False skips the head (``logits=None``), for chunked log-prob code that reads
                 ``last_hidden_state`` and ``get_output_embeddings().weight``.
             logits_to_keep: 0 = logits at every position; ``n > 0`` = only the last ``n`` (decoding).
@@ -777,7 +934,8 @@ class DeepSeekForCausalLM(nn.Module):
             :class:`ModelOutput` with ``logits [B, T or n, V]`` (model dtype), ``last_hidden_state``,
             ``aux_losses``, ``cache``.
         """
-        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         shared_prefix=shared_prefix)
         if compute_logits:
             h = out.last_hidden_state if logits_to_keep <= 0 else out.last_hidden_state[:, -logits_to_keep:]
             out.logits = self.lm_head(h)

@@ -182,3 +182,31 @@ def test_bad_inputs_are_named():
             sequence_logprobs(model, *args.values(), temperature=temperature)
     with pytest.raises(ValueError, match="has no LM head"):
         sequence_logprobs(model.model, ids, mask, T)
+
+
+def test_rows_sharing_a_prompt_run_it_once_with_the_same_results(monkeypatch):
+    from model import DeepSeekConfig, DeepSeekForCausalLM
+    from model.modeling import DeepSeekModel
+
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(DeepSeekConfig.from_preset("tiny", vocab_size=V)).train()
+    routed = []
+    next(iter(model.model.moe_gates().values())).register_forward_hook(
+        lambda mod, inp, out: routed.append(inp[0].shape[0]))
+    ids, mask = _batch(seed=3)
+    ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)  # each prompt sampled twice
+    ids[1::2, P:] = torch.randint(1, V, (3, T), generator=torch.Generator().manual_seed(4)) * mask[1::2, P:]
+    params = list(model.parameters())
+
+    def run():
+        logp, entropy = sequence_logprobs(model, ids, mask, T, with_entropy=True)
+        return logp, entropy, torch.autograd.grad(logp.sum() + 0.1 * entropy.sum(), params)
+
+    shared = run()
+    monkeypatch.setattr(DeepSeekModel, "supports_shared_prefix", False)
+    plain = run()
+    assert routed == [3 * P + 6 * T, 6 * (P + T)]  # three distinct prompts ran once each
+    assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
+    assert_close(shared[1], plain[1], atol=1e-5, rtol=1e-5)
+    for (pname, _), g, rg in zip(model.named_parameters(), shared[2], plain[2], strict=True):
+        assert_close(g, rg, atol=1e-5, rtol=1e-4, msg=lambda m, pname=pname: f"{pname}: {m}")

@@ -132,17 +132,20 @@ def _make_batch(input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int |
 def _fused_logprobs(model: nn.Module, head: LMHead, batch: _Batch, kw: dict[str, Any]) -> Pair:
     """Backbone, then the chunked kernel over valid completion tokens: ``(logp [M], entropy [M] | None)``."""
     decoder = model.get_decoder()
+    end = batch.stop - 1  # the last completion token predicts nothing we score: the backbone stops before it
     # Rows sharing a prompt (the G samples of a group) run it once where the backbone supports that.
-    shared = {"shared_prefix": batch.start} if getattr(decoder, "supports_shared_prefix", False) else {}
+    shared = {}
+    if getattr(decoder, "supports_shared_prefix", False) and batch.start < end:
+        shared = {"shared_prefix": batch.start}
     out = decoder(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
+        input_ids=batch.input_ids[:, :end],
+        attention_mask=batch.attention_mask[:, :end],
+        position_ids=batch.position_ids[:, :end],
         use_cache=False,
         **shared,
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [N, L, H]
-    hidden = hidden[:, batch.start - 1 : batch.stop - 1][batch.valid].to(head.weight.dtype)  # [M, H]
+    hidden = hidden[:, batch.start - 1 : end][batch.valid].to(head.weight.dtype)  # [M, H]
     weight = head.weight  # [V, H]
     if head.bias is not None:
         hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)  # [M, H+1]

@@ -282,12 +282,13 @@ class GRPOTrainer:
                                  chunk_size=self.config.logprob_chunk_size, with_entropy=with_entropy,
                                  temperature=self.config.temperature or 1.0)
 
-    @torch.no_grad()
     def _batched_logprobs(self, model: nn.Module, batch: Trajectories) -> Tensor:
         mb = self.config.micro_batch_size
-        parts = [self._logprobs(model, batch.select(torch.arange(i, min(i + mb, len(batch.rewards)))))[0]
-                 for i in range(0, len(batch.rewards), mb)]
-        return torch.cat(parts)
+        with torch.inference_mode():
+            parts = [self._logprobs(model, batch.select(torch.arange(i, min(i + mb, len(batch.rewards)))))[0]
+                     for i in range(0, len(batch.rewards), mb)]
+            logp = torch.cat(parts)
+        return logp.clone()  # a normal tensor again: the loss may save it for backward
 
     def _reset_reference(self) -> None:
         """Copies the policy into the reference (a local module, or a remote one through ``update_weights``)."""

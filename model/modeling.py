@@ -410,7 +410,7 @@ class MLA(nn.Module):
         attn_mask = mask.mask
         if mask.is_causal:
             attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]
-        if attn_mask is not None:
+        if attn_mask is not None and t > 1:  # one query per row (decoding): [B, 1, 1, S] broadcasts over heads
             attn_mask = attn_mask.expand(attn_mask.shape[0], self.n_heads, t, s).reshape(-1, 1, self.n_heads * t, s)
         o_lat = F.scaled_dot_product_attention(q.reshape(b, 1, self.n_heads * t, -1), k, k, attn_mask=attn_mask,
                                                scale=self.scale)  # [B, 1, H * T, d_c + d_h^R]

@@ -34,7 +34,8 @@ class GRPOConfig:
         clip_ratio_c: Dual-clip bound for negative advantages (e.g. 3.0); None turns it off.
         loss_agg: Aggregation mode of :func:`grpo.losses.agg_loss`.
         policy_loss: Registered policy-loss variant (``vanilla``, ``gspo``).
-        advantage: Registered advantage estimator (``grpo``, ``dr_grpo``, ``rloo``).
+        advantage: Registered advantage estimator (``grpo``, ``dr_grpo``, ``rloo``; ``process`` takes step scores
+            from a process reward returning :class:`rewards.StepRewards`, see :mod:`grpo.steps`).
         advantage_scale: ``group``, ``batch`` or ``none``; None keeps the estimator's default.
         max_new_tokens: Completion length limit.
         temperature: Sampling temperature for rollouts (R1-Zero 1.0).

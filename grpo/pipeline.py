@@ -277,7 +277,7 @@ def _run_rl(p: Pipeline, phase: str, cfg: RLPhase) -> None:
     policy = p.policy_worker()
     rollouts = p.rollout_workers(cfg.engine)
     reward = remote(RewardWorker, num_cpus=0.25).remote(p.resolve_rewards(cfg.rewards), cfg.reward_mode,
-                                                        threads=1)
+                                                        threads=1, process=g.advantage == "process")
     reference = None
     if g.beta > 0:
         reference = remote(ReferenceWorker, num_cpus=0.25).remote(str(p.current_policy()), threads=p.threads,

@@ -106,6 +106,7 @@ class RLPhase:
     Attributes:
         data: Prompts (schema ``prompt``) with the columns the rewards read.
         rewards: Weighted reward components; ``rm:NAME`` names a reward model trained in the ``rm`` phase.
+            With ``grpo.advantage: process``, exactly one process reward (see :class:`rewards.StepRewards`).
         reward_mode: ``sum`` or ``normalize-then-sum`` (see :mod:`rewards.combine`).
         steps: RL steps.
         grpo: The trainer's settings.
@@ -128,6 +129,9 @@ class RLPhase:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.rewards:
             raise ValueError("rewards must list at least one reward")
+        if self.grpo.advantage == "process" and len(self.rewards) != 1:
+            raise ValueError(f"grpo.advantage 'process' takes one process reward (returning StepRewards), got "
+                             f"{len(self.rewards)} rewards: step scores are not combined with weights")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from grpo.advantages import compute_advantages
 from grpo.config import GRPOConfig
 from grpo.logprobs import sequence_logprobs
 from grpo.losses import policy_loss
+from grpo.steps import check_step_rewards, step_groups_flat, token_step_ends
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
 
 Row = dict[str, Any]
@@ -37,7 +38,7 @@ class Trajectories:
         input_ids: ``[N, L]`` prompt + completion token ids.
         attention_mask: ``[N, L]`` 1 at real tokens.
         completion_mask: ``[N, T]`` 1 at completion tokens that carry loss.
-        advantages: ``[N]`` per-sequence advantages.
+        advantages: ``[N]`` per-sequence advantages (``[N, T]`` per-token with process supervision).
         rewards: ``[N]`` total rewards.
         old_logp: ``[N, T]`` log-probs under the sampling policy (None until computed).
         ref_logp: ``[N, T]`` log-probs under the reference policy (None when β = 0).
@@ -127,7 +128,8 @@ class GRPOTrainer:
         engine: The rollout engine that samples from a copy of the policy; weights are pushed to it after
             every step.
         reward_fn: A reward callable ``f(prompts, completions, **columns)`` returning a list of floats (or None),
-            or an object returning ``RewardOutput(total, breakdown)`` (see :mod:`rewards`).
+            or an object returning ``RewardOutput(total, breakdown)`` (see :mod:`rewards`). With
+            ``advantage="process"``, a process reward returning one :class:`rewards.StepRewards` per completion.
         tokenizer: The policy's tokenizer (chat template, pad and eos ids, decoding).
         config: :class:`GRPOConfig`.
         ref_model: The frozen reference policy: a module, or a remote reference with ``logprobs(input_ids,
@@ -189,9 +191,7 @@ class GRPOTrainer:
         rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer)
         with timer("advantages"):
             rewards = torch.tensor(scores["total"], dtype=torch.float32)
-            kw = {} if cfg.advantage_scale is None else {"scale": cfg.advantage_scale}
-            advantages = compute_advantages(cfg.advantage, rewards, cfg.group_size, **kw)
-            batch = self._trajectories(rollouts, advantages, rewards)
+            batch = self._trajectories(rollouts, self._advantages(rollouts, scores), rewards)
         with timer("logprobs"):
             batch = self._reference_logprobs(batch)
         with timer("update"):
@@ -211,6 +211,7 @@ class GRPOTrainer:
         kept_rows: list[Row] = []
         kept_rollouts: list[Rollout] = []
         totals: list[float] = []
+        steps: list = []
         breakdown: dict[str, list] = {}
         pending, rounds, dropped = rows, 0, 0
         while pending:
@@ -221,7 +222,8 @@ class GRPOTrainer:
             for i, row in enumerate(pending):
                 group = slice(i * cfg.group_size, (i + 1) * cfg.group_size)
                 flat = scores["total"][group]
-                if cfg.dynamic_sampling and max(flat) - min(flat) == 0 and len(kept_rows) < want:
+                is_flat = step_groups_flat(scores["steps"][group]) if "steps" in scores else max(flat) == min(flat)
+                if cfg.dynamic_sampling and is_flat and len(kept_rows) < want:
                     dropped += 1
                     continue
                 if len(kept_rows) == want:
@@ -229,6 +231,7 @@ class GRPOTrainer:
                 kept_rows.append(row)
                 kept_rollouts.extend(rollouts[group])
                 totals.extend(flat)
+                steps.extend(scores.get("steps", [])[group])
                 for name, values in scores["breakdown"].items():
                     breakdown.setdefault(name, []).extend(values[group])
             missing = want - len(kept_rows)
@@ -241,7 +244,8 @@ class GRPOTrainer:
                                "refill was possible; raise max_refill_rounds or check the reward functions")
         metrics["dynamic_sampling/dropped_groups"] = float(dropped)
         metrics["dynamic_sampling/kept_groups"] = float(len(kept_rows))
-        return kept_rows, kept_rollouts, {"total": totals, "breakdown": breakdown}
+        kept = {"total": totals, "breakdown": breakdown}
+        return kept_rows, kept_rollouts, kept | ({"steps": steps} if self.config.advantage == "process" else {})
 
     def generate(self, rows: list[Row]) -> list[Rollout]:
         """Samples ``group_size`` completions per row with the engine."""
@@ -253,12 +257,16 @@ class GRPOTrainer:
         return self.engine.generate(prompt_ids, sampling)
 
     def score(self, rows: list[Row], rollouts: list[Rollout]) -> dict[str, Any]:
-        """Scores completions: ``{"total": [N] floats, "breakdown": {name: [N]}}``; None counts as 0."""
+        """Scores completions: ``{"total": [N] floats, "breakdown": {name: [N]}}``; None counts as 0. With
+        ``advantage="process"`` also ``"steps"``: ``[N]`` :class:`rewards.StepRewards` (``total`` = their means)."""
         g = self.config.group_size
         prompts = [rows[i // g]["prompt"] for i in range(len(rollouts))]
         columns = {k: [rows[i // g].get(k) for i in range(len(rollouts))] for k in rows[0] if k != "prompt"}
         columns["completion_ids"] = [r.completion_ids for r in rollouts]
         out = self.reward_fn(prompts, [r.text for r in rollouts], **columns)
+        if self.config.advantage == "process":
+            steps = check_step_rewards(out, len(rollouts))
+            return {"total": [s.mean for s in steps], "breakdown": {}, "steps": steps}
         if hasattr(out, "total"):
             total, breakdown = list(out.total), dict(out.breakdown)
         else:
@@ -266,6 +274,20 @@ class GRPOTrainer:
         if len(total) != len(rollouts):
             raise ValueError(f"the reward returned {len(total)} values for {len(rollouts)} completions")
         return {"total": [0.0 if t is None else float(t) for t in total], "breakdown": breakdown}
+
+    # -- advantages ---------------------------------------------------------------------------------------
+    def _advantages(self, rollouts: list[Rollout], scores: dict[str, Any]) -> Tensor:
+        """``[N]`` outcome advantages from the totals, or ``[N, T]`` process ones from the step rewards."""
+        cfg = self.config
+        kw: dict[str, Any] = {} if cfg.advantage_scale is None else {"scale": cfg.advantage_scale}
+        if cfg.advantage != "process":
+            return compute_advantages(cfg.advantage, torch.tensor(scores["total"], dtype=torch.float32),
+                                      cfg.group_size, **kw)
+        decode = (lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))  # noqa: E731
+        ends = [token_step_ends(decode, r.completion_ids, s.ends) for r, s in zip(rollouts, scores["steps"])]
+        num_tokens = max(1, max(len(r.completion_ids) for r in rollouts))  # the T of pad_trajectories
+        return compute_advantages("process", [list(s.scores) for s in scores["steps"]], cfg.group_size,
+                                  step_ends=ends, num_tokens=num_tokens, **kw)
 
     # -- tensors ----------------------------------------------------------------------------------------
     def _trajectories(self, rollouts: list[Rollout], advantages: Tensor, rewards: Tensor) -> Trajectories:

@@ -186,13 +186,22 @@ class ReferenceWorker:
 
 
 class RewardWorker:
-    """Scores completions with a weighted combination of rewards (rule functions and reward models)."""
+    """Scores completions with a weighted combination of rewards (rule functions and reward models), or with
+    one process reward (``process=True``: its :class:`rewards.StepRewards` pass through unweighted)."""
 
-    def __init__(self, specs: Sequence[Any], mode: str = "sum", threads: int | None = None) -> None:
+    def __init__(self, specs: Sequence[Any], mode: str = "sum", threads: int | None = None,
+                 process: bool = False) -> None:
         _set_threads(threads)
-        from rewards.combine import combine
+        from rewards.combine import RewardSpec, combine
+        from rewards.registry import get_reward
 
-        self.reward = combine(list(specs), mode=mode)
+        if process:
+            if len(specs) != 1:
+                raise ValueError(f"process supervision takes one process reward, got {len(specs)}")
+            spec = specs[0] if isinstance(specs[0], RewardSpec) else RewardSpec.from_dict(specs[0])
+            self.reward = get_reward(spec.name, **spec.kwargs)
+        else:
+            self.reward = combine(list(specs), mode=mode)
 
     def score(self, prompts: list, completions: list, columns: dict[str, list]) -> Any:
         return self.reward(prompts, completions, **columns)

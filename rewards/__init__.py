@@ -14,7 +14,15 @@ from typing import Any
 from rewards.code_exec import CodeExecReward, extract_code
 from rewards.combine import COMBINE_MODES, RewardOutput, RewardSpec, WeightedReward, combine, zscore
 from rewards.language import LanguageConsistencyReward
-from rewards.protocol import RewardError, RewardFn, call_reward, completion_text, completion_texts
+from rewards.protocol import (
+    RewardError,
+    RewardFn,
+    StepRewards,
+    call_reward,
+    completion_text,
+    completion_texts,
+    step_ends,
+)
 from rewards.registry import REWARDS, get_reward, register_reward, reward_factory
 from rewards.remote import RemoteReward, RemoteRewardConfig
 from rewards.rules import OverlongReward, accuracy, format_reward
@@ -38,6 +46,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "COMBINE_MODES", "REWARDS", "CodeExecReward", "LanguageConsistencyReward", "OverlongReward", "RemoteReward",
     "RemoteRewardConfig", "RewardError", "RewardFn", "RewardOutput", "RewardSpec", "Sandbox", "SandboxConfig",
-    "SandboxResult", "WeightedReward", "accuracy", "call_reward", "combine", "completion_text", "completion_texts",
-    "extract_code", "format_reward", "get_reward", "register_reward", "reward_factory", "zscore", *_LAZY,
+    "SandboxResult", "StepRewards", "WeightedReward", "accuracy", "call_reward", "combine", "completion_text",
+    "completion_texts", "extract_code", "format_reward", "get_reward", "register_reward", "reward_factory",
+    "step_ends", "zscore", *_LAZY,
 ]

@@ -32,6 +32,7 @@ import math
 import numbers
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 OnError = Literal["raise", "zero", "skip"]
@@ -44,6 +45,65 @@ class RewardFn(Protocol):
     """A reward: scores ``B`` completions of ``B`` prompts; ``None`` marks "no opinion"."""
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> Sequence[Any]: ...
+
+
+@dataclass(frozen=True)
+class StepRewards:
+    """A process reward for one completion: one score per reasoning step (DeepSeekMath's process supervision).
+
+    A process reward function returns one of these (or ``None``: no steps) per completion instead of a number;
+    the trainer then needs ``advantage: process`` and gives token ``t`` the sum of the group-normalised scores
+    of the steps that end at or after it.
+
+    Attributes:
+        scores: One finite reward per step, in order.
+        ends: Where each step ends in the completion text: the character offset one past its last character
+            (non-decreasing, ``>= 1``). :func:`step_ends` gives the ends of newline-separated steps.
+
+    Example:
+        >>> text = "2 + 3 = 5\\nso x = 5\\n"
+        >>> StepRewards(scores=(1.0, 0.0), ends=tuple(step_ends(text)))
+        StepRewards(scores=(1.0, 0.0), ends=(9, 18))
+    """
+
+    scores: tuple[float, ...]
+    ends: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        scores, ends = tuple(self.scores), tuple(self.ends)
+        if len(scores) != len(ends):
+            raise ValueError(f"StepRewards: {len(scores)} scores but {len(ends)} ends (one end per step)")
+        for i, value in enumerate(scores):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"StepRewards.scores[{i}]: expected a finite number, got {value!r}")
+        for i, end in enumerate(ends):
+            if isinstance(end, bool) or not isinstance(end, numbers.Integral) or end < 1:
+                raise ValueError(f"StepRewards.ends[{i}]: expected a character offset >= 1, got {end!r}")
+            if i and end < ends[i - 1]:
+                raise ValueError(f"StepRewards.ends must be non-decreasing, got {ends[i - 1]} then {end} at {i}")
+        object.__setattr__(self, "scores", tuple(float(v) for v in scores))
+        object.__setattr__(self, "ends", tuple(int(e) for e in ends))
+
+    @property
+    def mean(self) -> float:
+        """The mean step score (0.0 without steps): what reward metrics report for this completion."""
+        return sum(self.scores) / len(self.scores) if self.scores else 0.0
+
+
+def step_ends(text: str, sep: str = "\n") -> list[int]:
+    """Character offsets one past the last non-blank character of each non-blank step of ``text``, steps
+    separated by ``sep`` (trailing whitespace is left out: tokenizers often attach it to the next token)."""
+    if not sep:
+        raise ValueError("step_ends: sep must be a non-empty string")
+    ends, start = [], 0
+    while start < len(text):
+        cut = text.find(sep, start)
+        end = len(text) if cut < 0 else cut + len(sep)
+        step = text[start:end].rstrip()
+        if step.strip():
+            ends.append(start + len(step))
+        start = end
+    return ends
 
 
 class RewardError(RuntimeError):

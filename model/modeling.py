@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -286,7 +287,7 @@ class SharedPrefix:
         """``[1, M]`` bool, False at padding."""
         return self.join(self.prefix_mask, self.mask[:, self.prefix_len:]).bool()
 
-    @property
+    @cached_property  # read by every MoE layer of the forward
     def token_rows(self) -> Tensor:
         """``[1, M]`` how many rows each real token stands for (prefix tokens count once per row sharing them)."""
         share = torch.bincount(self.rows, minlength=self.prefix_mask.shape[0])  # [B]

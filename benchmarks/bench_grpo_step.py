@@ -4,9 +4,11 @@ Both sides get the same checkpoint (our ``tiny`` preset: MLA, sigmoid ``noaux_tc
 routed experts; TRL loads it as transformers' ``DeepseekV3ForCausalLM``), the same chat prompts and reward, the
 same G, prompts per step, completion length (every completion is forced to the full length so the work is equal),
 number of optimizer updates per step (one), β (so both compute reference log-probs), loss aggregation
-(``seq-mean-token-mean`` = TRL's ``loss_type="grpo"``) and thread count. Each side runs ``--warmup`` steps, then
-``--steps`` timed steps; the table shows the median and the fastest step of each and the speed-up on both (on a
-shared machine the fastest step is the least disturbed measurement; the median shows the typical one).
+(``seq-mean-token-mean`` = TRL's ``loss_type="grpo"``) and thread count. The two trainers alternate, one step
+each (ours runs between TRL's steps, outside TRL's clock), so a machine whose speed drifts slows both alike.
+Each side runs ``--warmup`` steps, then ``--steps`` timed steps; the table shows the median and the fastest step
+of each and the speed-up on both (on a shared machine the fastest step is the least disturbed measurement; the
+median shows the typical one).
 
 Run: ``python benchmarks/bench_grpo_step.py [--threads 1] [--steps 6] [--G 8] [--prompts 8] [--tokens 64]``
 (needs ``trl``: ``pip install -e ".[bench]"``).
@@ -21,6 +23,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -61,7 +64,8 @@ class _FullLength:
         return getattr(self.engine, name)
 
 
-def time_ours(path: str, args) -> list[float]:
+def our_stepper(path: str, args) -> Callable[[int], float]:
+    """Builds our trainer; returns ``step(i)``, which runs step ``i`` and returns its wall time in seconds."""
     from transformers import AutoTokenizer
 
     from grpo.config import GRPOConfig
@@ -78,33 +82,40 @@ def time_ours(path: str, args) -> list[float]:
                      loss_agg="seq-mean-token-mean", max_grad_norm=1.0)
     trainer = GRPOTrainer(policy, engine, format_reward, tok, cfg)
     rows = [{"prompt": p} for p in prompts(args.prompts * (args.warmup + args.steps))]
-    times = []
-    for i in range(args.warmup + args.steps):
+
+    def step(i: int) -> float:
         start = time.perf_counter()
         metrics = trainer.step(rows[i * args.prompts:(i + 1) * args.prompts])
-        times.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
         assert metrics["completion/length_mean"] == args.tokens
-    return times[args.warmup:]
+        return elapsed
+
+    return step
 
 
-def time_trl(path: str, args) -> list[float]:
+def run_alternating(path: str, args) -> tuple[list[float], list[float]]:
+    """Runs TRL's trainer and, after each of its steps, one of ours (outside TRL's clock), so both sides see
+    the same machine conditions. Returns the timed (post-warm-up) step times ``(ours, trl)``."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer as TRLTrainer
 
+    ours_step = our_stepper(path, args)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     n = args.G * args.prompts
     data = Dataset.from_dict({"prompt": prompts(args.prompts * (args.warmup + args.steps))})
-    stamps: list[float] = []
+    trl_times: list[float] = []
+    our_times: list[float] = []
 
-    class Clock(TrainerCallback):
+    class Alternate(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            stamps.append(time.perf_counter())
+            self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
+            trl_times.append(time.perf_counter() - self.start)
+            our_times.append(ours_step(len(our_times)))
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TRLConfig(output_dir=out, per_device_train_batch_size=n, gradient_accumulation_steps=1,
@@ -114,10 +125,9 @@ def time_trl(path: str, args) -> list[float]:
                         save_strategy="no", bf16=False, seed=0, max_grad_norm=1.0,
                         generation_kwargs={"min_new_tokens": args.tokens}, disable_tqdm=True)
         trainer = TRLTrainer(model=model, reward_funcs=format_reward, args=cfg, train_dataset=data,
-                             processing_class=tok, callbacks=[Clock()])
+                             processing_class=tok, callbacks=[Alternate()])
         trainer.train()
-    times = [stamps[i + 1] - stamps[i] for i in range(0, len(stamps), 2)]
-    return times[args.warmup:]
+    return our_times[args.warmup:], trl_times[args.warmup:]
 
 
 def main() -> None:
@@ -134,8 +144,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as path:
         make_checkpoint(path)
-        ours = time_ours(path, args)
-        trl = time_trl(path, args)
+        ours, trl = run_alternating(path, args)
     mo, mt = statistics.median(ours), statistics.median(trl)
     fo, ft = min(ours), min(trl)
     print(f"\nGRPO step, tiny DeepSeek-V3-shaped MoE, G={args.G}, prompts/step={args.prompts}, "

@@ -76,6 +76,11 @@ class _Float32Buffers(nn.Module):
         return self
 
 
+def _as_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, without a (no-op) conversion op when it already is: decoding is bound by op count."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 # ----------------------------------------------------------------------------------------------- RMSNorm
 class RMSNorm(nn.Module):
     """``w * x / sqrt(mean(x^2) + eps)``, computed in float32 and cast back (as transformers does)."""
@@ -86,9 +91,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
+        h = _as_float32(x)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -148,14 +153,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
     """Rotates ``x [B, T, (H,) d]`` by ``cos, sin [B, T, d/2]``.
 
     ``interleave=True`` rotates pairs ``(x0, x1), (x2, x3), ...`` (DeepSeek's layout, transformers' V2 and V3
-    default); ``False`` rotates ``(x_i, x_{i+d/2})`` (rotate-half). Either way the output is laid out as
-    ``[rotated firsts, rotated seconds]``: q and k get the same permutation, so ``q . k`` is unchanged.
+    default) in place, as one complex multiplication; ``False`` rotates ``(x_i, x_{i+d/2})`` (rotate-half).
+    The layout of the output differs from transformers' (which moves interleaved pairs to rotate-half order
+    first), but q and k get the same one, so ``q . k`` is unchanged.
     """
     if x.dim() == 4:  # [B, T, H, d]: broadcast over heads
         cos, sin = cos[:, :, None], sin[:, :, None]
-    xf = x.float()
-    x1, x2 = (xf[..., 0::2], xf[..., 1::2]) if interleave else xf.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    xf = _as_float32(x)
+    if interleave:
+        pairs = xf.unflatten(-1, (-1, 2))  # [..., d/2, 2]
+        if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()  # a complex view needs pairs aligned to whole complex numbers
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -400,8 +413,14 @@ class MLA(nn.Module):
         b, t = q_nope.shape[:2]
         w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]  # [H, d_h, d_c], [H, d_v, d_c]
-        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # [B, H, T, d_c]
+        # Per-head products as one batched matmul over heads (what einsum would do, without its overhead).
+        q_lat = torch.bmm(q_nope.reshape(b * t, self.n_heads, -1).transpose(0, 1), w_uk)  # [H, B*T, d_c]
+        q_lat = q_lat.view(self.n_heads, b, t, -1).transpose(0, 1)  # [B, H, T, d_c]
         q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)  # [B, H, T, d_c + d_h^R]
+        if t == 1:  # decoding
+            o_lat = self._attend_one(q.view(b, self.n_heads, -1), latent, mask.mask)  # [B, H, d_c]
+            out = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, d_v]
+            return out.transpose(0, 1).reshape(b, 1, self.n_heads * self.d_v)
         k = latent[:, None]  # [B, 1, S, d_c + d_h^R]
         # The values are the first d_c columns of the keys; attending with v = k keeps q/k/v one width (fused
         # kernels need that) and the extra d_h^R output columns are dropped below.
@@ -416,8 +435,29 @@ class MLA(nn.Module):
         o_lat = F.scaled_dot_product_attention(q.reshape(b, 1, self.n_heads * t, -1), k, k, attn_mask=attn_mask,
                                                scale=self.scale)  # [B, 1, H * T, d_c + d_h^R]
         o_lat = o_lat[..., : self.kv_lora_rank].reshape(b, self.n_heads, t, self.kv_lora_rank)  # [B, H, T, d_c]
-        out = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)  # [B, T, H, d_v]
-        return out.reshape(b, t, self.n_heads * self.d_v)
+        out = torch.bmm(o_lat.transpose(0, 1).reshape(self.n_heads, b * t, -1), w_uv.transpose(1, 2))  # [H, B*T, d_v]
+        return out.view(self.n_heads, b, t, self.d_v).permute(1, 2, 0, 3).reshape(b, t, self.n_heads * self.d_v)
+
+    def _attend_one(self, q: Tensor, latent: Tensor, keep: Tensor | None) -> Tensor:
+        """One query per row and head over the latents, as two batched matmuls and a softmax (at one query
+        per row this beats the fused kernel, whose per-call setup dominates).
+
+        Args:
+            q: ``[B, H, d_c + d_h^R]`` absorbed queries.
+            latent: ``[B, S, d_c + d_h^R]`` cached ``[c_kv; k_pe]``.
+            keep: ``[B, 1, 1, S]`` bool (True = attend; every row attends somewhere) or None.
+
+        Returns:
+            ``[B, H, d_c]``: the attention-weighted latents.
+        """
+        keys = latent.transpose(1, 2)  # [B, d_c + d_h^R, S]
+        if keep is None:
+            scores = torch.bmm(q, keys).mul_(self.scale)  # [B, H, S]
+        else:
+            bias = torch.where(keep.view(keep.shape[0], 1, -1), 0.0, float("-inf")).to(q.dtype)  # [B, 1, S]
+            scores = torch.baddbmm(bias, q, keys, alpha=self.scale)  # [B, H, S]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        return torch.bmm(probs if probs.dtype == q.dtype else probs.to(q.dtype), latent[..., : self.kv_lora_rank])
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
                 cache: LatentKVCache | None = None, layer_idx: int = 0, shared: SharedPrefix | None = None
@@ -538,7 +578,7 @@ class Gate(_Float32Buffers):
     def forward(self, x: Tensor) -> Routing:
         """``x [N, D]`` -> :class:`Routing`."""
         c = self.config
-        scores = self.score(F.linear(x.float(), self.weight.float()))  # [N, E]
+        scores = self.score(F.linear(_as_float32(x), _as_float32(self.weight)))  # [N, E]
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         indices = self.select(choice, c.n_group, c.topk_group, self.top_k)  # [N, K]
         weights = scores.gather(1, indices)
@@ -649,10 +689,10 @@ def _experts_loop(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable[[Tens
     """
     sizes = counts.tolist()
     outs = []
-    for i, xe in enumerate(xs.split(sizes)):
-        if sizes[i]:
-            g, u = (xe @ gate_up[i].T).chunk(2, dim=-1)
-            outs.append((act(g) * u) @ down[i].T)
+    for xe, w_gate_up, w_down, size in zip(xs.split(sizes), gate_up.unbind(0), down.unbind(0), sizes):
+        if size:
+            g, u = F.linear(xe, w_gate_up).chunk(2, dim=-1)
+            outs.append(F.linear(act(g) * u, w_down))
     return torch.cat(outs) if outs else xs.new_zeros(0, down.shape[1])
 
 
@@ -696,15 +736,15 @@ class Experts(nn.Module):
         Dispatch by sorting the ``N*K`` (token, expert) pairs by expert: each expert then reads one contiguous
         slice, so there is one matmul per expert (or one grouped matmul), never a per-token loop.
         """
-        n, k = indices.shape
+        k = indices.shape[1]
         flat = indices.reshape(-1)  # [N*K]
         order = flat.argsort(stable=True)  # pairs sorted by expert
+        token = order // k  # [N*K] the token of each sorted pair
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # [E]
-        ys = EXPERT_IMPLS[self.impl](x[order // k], self.gate_up_proj, self.down_proj, self.act, counts)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        ys = ys[inverse].view(n, k, -1)  # back to (token, slot) order: [N, K, D]
-        return (ys.float() * weights[:, :, None]).sum(dim=1).to(x.dtype)
+        ys = EXPERT_IMPLS[self.impl](x.index_select(0, token), self.gate_up_proj, self.down_proj, self.act, counts)
+        ys = _as_float32(ys) * weights.reshape(-1).index_select(0, order)[:, None]  # gate-weighted, float32
+        out = torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys)  # [N, D]
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class MoE(nn.Module):

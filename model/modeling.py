@@ -76,9 +76,9 @@ class _Float32Buffers(nn.Module):
         return self
 
 
-def _as_float32(x: Tensor) -> Tensor:
-    """``x`` in float32, without a (no-op) conversion op when it already is: decoding is bound by op count."""
-    return x if x.dtype == torch.float32 else x.float()
+def _cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype``, without a (no-op) conversion op when it already is: decoding is bound by op count."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- RMSNorm
@@ -91,9 +91,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = _as_float32(x)
+        h = _cast(x, torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * (h if h.dtype == x.dtype else h.to(x.dtype))
+        return self.weight * _cast(h, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -159,7 +159,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
     """
     if x.dim() == 4:  # [B, T, H, d]: broadcast over heads
         cos, sin = cos[:, :, None], sin[:, :, None]
-    xf = _as_float32(x)
+    xf = _cast(x, torch.float32)
     if interleave:
         pairs = xf.unflatten(-1, (-1, 2))  # [..., d/2, 2]
         if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
@@ -168,7 +168,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
     else:
         x1, x2 = xf.chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return _cast(out, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- masks
@@ -430,7 +430,7 @@ class MLA(nn.Module):
         attn_mask = mask.mask
         if mask.is_causal:
             attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]
-        if attn_mask is not None and t > 1:  # one query per row (decoding): [B, 1, 1, S] broadcasts over heads
+        if attn_mask is not None:
             attn_mask = attn_mask.expand(attn_mask.shape[0], self.n_heads, t, s).reshape(-1, 1, self.n_heads * t, s)
         o_lat = F.scaled_dot_product_attention(q.reshape(b, 1, self.n_heads * t, -1), k, k, attn_mask=attn_mask,
                                                scale=self.scale)  # [B, 1, H * T, d_c + d_h^R]
@@ -440,7 +440,9 @@ class MLA(nn.Module):
 
     def _attend_one(self, q: Tensor, latent: Tensor, keep: Tensor | None) -> Tensor:
         """One query per row and head over the latents, as two batched matmuls and a softmax (at one query
-        per row this beats the fused kernel, whose per-call setup dominates).
+        per row this beats the fused kernel, whose per-call setup dominates). :func:`kernels.mla_decode`
+        computes the same from separate ``c_kv`` / ``k_pe``; on CPU its two score products, validation and
+        empty-row handling cost more per call than this one product over the joint latents.
 
         Args:
             q: ``[B, H, d_c + d_h^R]`` absorbed queries.
@@ -454,10 +456,10 @@ class MLA(nn.Module):
         if keep is None:
             scores = torch.bmm(q, keys).mul_(self.scale)  # [B, H, S]
         else:
-            bias = torch.where(keep.view(keep.shape[0], 1, -1), 0.0, float("-inf")).to(q.dtype)  # [B, 1, S]
+            bias = _cast(torch.where(keep.view(keep.shape[0], 1, -1), 0.0, float("-inf")), q.dtype)  # [B, 1, S]
             scores = torch.baddbmm(bias, q, keys, alpha=self.scale)  # [B, H, S]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        return torch.bmm(probs if probs.dtype == q.dtype else probs.to(q.dtype), latent[..., : self.kv_lora_rank])
+        return torch.bmm(_cast(probs, q.dtype), latent[..., : self.kv_lora_rank])
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
                 cache: LatentKVCache | None = None, layer_idx: int = 0, shared: SharedPrefix | None = None
@@ -578,7 +580,7 @@ class Gate(_Float32Buffers):
     def forward(self, x: Tensor) -> Routing:
         """``x [N, D]`` -> :class:`Routing`."""
         c = self.config
-        scores = self.score(F.linear(_as_float32(x), _as_float32(self.weight)))  # [N, E]
+        scores = self.score(F.linear(_cast(x, torch.float32), _cast(self.weight, torch.float32)))  # [N, E]
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         indices = self.select(choice, c.n_group, c.topk_group, self.top_k)  # [N, K]
         weights = scores.gather(1, indices)
@@ -742,9 +744,9 @@ class Experts(nn.Module):
         token = order // k  # [N*K] the token of each sorted pair
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # [E]
         ys = EXPERT_IMPLS[self.impl](x.index_select(0, token), self.gate_up_proj, self.down_proj, self.act, counts)
-        ys = _as_float32(ys) * weights.reshape(-1).index_select(0, order)[:, None]  # gate-weighted, float32
+        ys = _cast(ys, torch.float32) * weights.reshape(-1).index_select(0, order)[:, None]  # gate-weighted, float32
         out = torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys)  # [N, D]
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+        return _cast(out, x.dtype)
 
 
 class MoE(nn.Module):

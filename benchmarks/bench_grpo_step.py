@@ -1,7 +1,9 @@
-"""GRPO step time: ours vs TRL's ``GRPOTrainer`` on the same tiny DeepSeek-V3-shaped model.
+"""GRPO step time: ours vs TRL's ``GRPOTrainer`` on the same model: our tiny DeepSeek-V3-shaped MoE, or any local
+Hugging Face causal LM (``--model PATH``).
 
-Both sides get the same checkpoint (our ``tiny`` preset: MLA, sigmoid ``noaux_tc`` routing with groups, shared +
-routed experts; TRL loads it as transformers' ``DeepseekV3ForCausalLM``), the same chat prompts and reward, the
+Both sides get the same checkpoint (by default our ``tiny`` preset: MLA, sigmoid ``noaux_tc`` routing with groups,
+shared + routed experts, which TRL loads as transformers' ``DeepseekV3ForCausalLM``; with ``--model`` any folder,
+ours or a transformers model such as a Llama or Qwen2), the same chat prompts and reward, the
 same G, prompts per step, completion length (every completion is forced to the full length so the work is equal),
 number of optimizer updates per step (one), β (so both compute reference log-probs), loss aggregation
 (``seq-mean-token-mean`` = TRL's ``loss_type="grpo"``) and thread count. The two trainers alternate, one step
@@ -10,8 +12,15 @@ Each side runs ``--warmup`` steps, then ``--steps`` timed steps; the table shows
 of each and the speed-up on both (on a shared machine the fastest step is the least disturbed measurement; the
 median shows the typical one).
 
-Run: ``python benchmarks/bench_grpo_step.py [--threads 1] [--steps 6] [--G 8] [--prompts 8] [--tokens 64]``
-(needs ``trl``: ``pip install -e ".[bench]"``).
+After the table, our step is broken down by part (generate, score, reference/old log-probs, update, weight sync
+and its check), as shares of our median step.
+
+Run: ``python benchmarks/bench_grpo_step.py [--threads 1] [--steps 6] [--G 8] [--prompts 8] [--tokens 64]
+[--model PATH]`` (needs ``trl``: ``pip install -e ".[bench]"``). Without a model hub,
+``--make-model llama-135m DIR`` first writes a randomly initialised model of SmolLM2-135M's shape (a 30-layer,
+576-wide Llama with tied embeddings and a 49,152-token vocabulary) and a word-level tokenizer with a chat
+template to ``DIR``, which ``--model DIR`` then benchmarks (random weights take the same time per step as trained
+ones: every completion runs to the full length).
 """
 
 from __future__ import annotations
@@ -64,17 +73,48 @@ class _FullLength:
         return getattr(self.engine, name)
 
 
-def our_stepper(path: str, args) -> Callable[[int], float]:
-    """Builds our trainer; returns ``step(i)``, which runs step ``i`` and returns its wall time in seconds."""
-    from transformers import AutoTokenizer
+LLAMA_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+                  rms_norm_eps=1e-5, rope_theta=10000.0)
 
+
+def make_llama_135m(path: str) -> None:
+    """A random SmolLM2-135M-shaped Llama and a 49,152-word tokenizer (the task's characters and markers first)
+    with a ChatML-like template, saved as a Hugging Face folder."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from grpo import tasks
+
+    specials = ["<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>", *tasks.TASK_MARKERS]
+    words = [*specials, *tasks.TASK_CHARACTERS, "user", "assistant", "\n"]
+    words += [f"<w{i}>" for i in range(LLAMA_135M["vocab_size"] - len(words))]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|unk|>", pad_token="<|pad|>",
+                                   eos_token="<|im_end|>", extra_special_tokens={})
+    fast.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+                          "'<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                          "{% endif %}")
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_135M, pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+                         bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+
+
+def our_stepper(path: str, args, breakdown: list[dict[str, float]]) -> Callable[[int], float]:
+    """Builds our trainer; returns ``step(i)``, which runs step ``i`` and returns its wall time in seconds (the
+    step's own metrics are appended to ``breakdown``)."""
     from grpo.config import GRPOConfig
     from grpo.trainer import GRPOTrainer
-    from model import DeepSeekForCausalLM
+    from rollout.loading import load_causal_lm, load_tokenizer
     from rollout.torch_engine import TorchEngine
 
-    tok = AutoTokenizer.from_pretrained(path)
-    policy = DeepSeekForCausalLM.from_pretrained(path).train()
+    tok = load_tokenizer(path)
+    policy = load_causal_lm(path).train()
     engine = _FullLength(TorchEngine(copy.deepcopy(policy), tokenizer=tok), args.tokens)
     n = args.G * args.prompts
     cfg = GRPOConfig(group_size=args.G, prompts_per_step=args.prompts, minibatch_size=n, micro_batch_size=n,
@@ -88,12 +128,13 @@ def our_stepper(path: str, args) -> Callable[[int], float]:
         metrics = trainer.step(rows[i * args.prompts:(i + 1) * args.prompts])
         elapsed = time.perf_counter() - start
         assert metrics["completion/length_mean"] == args.tokens
+        breakdown.append({**metrics, "time/step": elapsed})
         return elapsed
 
     return step
 
 
-def run_alternating(path: str, args) -> tuple[list[float], list[float]]:
+def run_alternating(path: str, args, breakdown: list[dict[str, float]]) -> tuple[list[float], list[float]]:
     """Runs TRL's trainer and, after each of its steps, one of ours (outside TRL's clock), so both sides see
     the same machine conditions. Returns the timed (post-warm-up) step times ``(ours, trl)``."""
     from datasets import Dataset
@@ -101,7 +142,7 @@ def run_alternating(path: str, args) -> tuple[list[float], list[float]]:
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer as TRLTrainer
 
-    ours_step = our_stepper(path, args)
+    ours_step = our_stepper(path, args, breakdown)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     n = args.G * args.prompts
@@ -130,6 +171,19 @@ def run_alternating(path: str, args) -> tuple[list[float], list[float]]:
     return our_times[args.warmup:], trl_times[args.warmup:]
 
 
+PARTS = ("generate", "score", "advantages", "logprobs", "update", "sync", "sync_check")
+
+
+def breakdown_table(metrics: list[dict[str, float]]) -> list[str]:
+    """Median seconds and share of the median step of each part of our step."""
+    step = statistics.median(m["time/step"] for m in metrics)
+    lines = ["| part of our step | s (median) | share |", "|---|---|---|"]
+    for part in PARTS:
+        values = [m.get(f"time/{part}", 0.0) for m in metrics]
+        lines.append(f"| {part} | {statistics.median(values):.3f} | {100 * statistics.median(values) / step:.0f}% |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -139,20 +193,36 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder (default: our tiny MoE)")
+    parser.add_argument("--make-model", nargs=2, metavar=("SHAPE", "DIR"), default=None,
+                        help="write a random model of SHAPE (llama-135m) to DIR and exit")
     args = parser.parse_args()
+    if args.make_model:
+        shape, folder = args.make_model
+        if shape != "llama-135m":
+            raise SystemExit(f"--make-model: unknown shape {shape!r} (known: llama-135m)")
+        make_llama_135m(folder)
+        print(f"wrote a random {shape} model to {folder}")
+        return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    with tempfile.TemporaryDirectory() as path:
-        make_checkpoint(path)
-        ours, trl = run_alternating(path, args)
+    breakdown: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or tmp
+        if args.model is None:
+            make_checkpoint(path)
+        ours, trl = run_alternating(path, args, breakdown)
     mo, mt = statistics.median(ours), statistics.median(trl)
     fo, ft = min(ours), min(trl)
-    print(f"\nGRPO step, tiny DeepSeek-V3-shaped MoE, G={args.G}, prompts/step={args.prompts}, "
+    what = args.model or "tiny DeepSeek-V3-shaped MoE"
+    print(f"\nGRPO step, {what}, G={args.G}, prompts/step={args.prompts}, "
           f"{args.tokens} new tokens, beta={args.beta}, threads={args.threads}, {args.steps} timed steps")
     print("| trainer | s/step (median) | s/step (fastest) | speed-up vs TRL (median) | speed-up vs TRL (fastest) |")
     print("|---|---|---|---|---|")
     print(f"| ours (torch engine) | {mo:.2f} | {fo:.2f} | {mt / mo:.2f}x | {ft / fo:.2f}x |")
     print(f"| TRL GRPOTrainer | {mt:.2f} | {ft:.2f} | 1.00x | 1.00x |")
+    print()
+    print("\n".join(breakdown_table(breakdown[args.warmup:])))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from grpo.registry import Registry
+from rollout.weights import StaleWeightsError
 
 COMMANDS: Registry[Callable[[list[str]], int]] = Registry("grpo command")
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, StaleWeightsError)
 
 
 def _recipe_parser(prog: str, description: str, stage: bool = False) -> argparse.ArgumentParser:
@@ -104,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS.get(command)(rest)
     except _USER_ERRORS as exc:
-        print(f"grpo {command}: error: {exc}", file=sys.stderr)
+        cause = getattr(exc, "cause", None)  # an error raised in a Ray actor carries the original
+        print(f"grpo {command}: error: {cause if isinstance(cause, Exception) else exc}", file=sys.stderr)
         return 2
 
 

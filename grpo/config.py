@@ -15,7 +15,8 @@ class GRPOConfig:
     ``minibatch_size`` sequences for ``updates_per_batch`` (μ) passes, one optimizer step per minibatch.
 
     Attributes:
-        group_size: G, completions per prompt (DeepSeekMath 64, R1-Zero 16).
+        group_size: G, completions per prompt (DeepSeekMath 64, R1-Zero 16); at least 2 (one completion per
+            prompt has no group to be compared with: every advantage would be 0).
         prompts_per_step: B, prompts per step.
         minibatch_size: Sequences per optimizer step; must divide ``prompts_per_step * group_size``.
         micro_batch_size: Sequences per forward/backward inside a minibatch (gradient accumulation); must
@@ -24,7 +25,8 @@ class GRPOConfig:
         lr: Learning rate (DeepSeekMath 1e-6, R1-Zero 3e-6).
         lr_schedule: ``constant`` or ``cosine``, after ``warmup_steps`` of linear warmup.
         warmup_steps: Optimizer steps of linear warmup.
-        total_steps: Planned RL steps (the cosine schedule's horizon).
+        total_steps: Planned RL steps (the cosine schedule's horizon); None in a recipe means the stage's
+            ``steps``. Needed by ``cosine``.
         weight_decay: AdamW weight decay.
         max_grad_norm: Gradient clipping norm; 0 disables clipping.
         beta: KL-to-reference weight (DeepSeekMath 0.04, R1-Zero 0.001); 0 skips the reference model.
@@ -50,6 +52,15 @@ class GRPOConfig:
             expert's selection bias by ±γ toward balanced load (0 = off; needs a policy with
             ``update_router_bias``).
         logprob_chunk_size: Tokens per chunk when computing log-probs without materialising all logits.
+        carry_optimizer_state: Start from the Adam moments of the previous RL stage of the same run (when there
+            is one) instead of fresh ones; the stage's own ``lr``, ``weight_decay`` and schedule still apply.
+        sync_check: After every weight sync, check that each rollout engine holds exactly the trainer's weights
+            (fingerprints per tensor, or a log-prob probe for engines that cannot report fingerprints) and stop
+            with a message naming the first tensor that differs (the stale-weight guard); its cost is logged
+            as ``time/sync_check``.
+        sync_probe_tol: For engines checked by the probe: the largest mean absolute difference between the
+            engine's and the trainer's log-probs of the probe sequence that still counts as the same weights
+            (engines in another dtype or with other kernels never agree exactly).
         seed: Seed of sampling and minibatch shuffling.
     """
 
@@ -61,7 +72,7 @@ class GRPOConfig:
     lr: float = 1e-6
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    total_steps: int = 100
+    total_steps: int | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.04
@@ -83,20 +94,27 @@ class GRPOConfig:
     moe_aux_coef: float = 0.0
     moe_bias_gamma: float = 0.0
     logprob_chunk_size: int = 1024
+    carry_optimizer_state: bool = False
+    sync_check: bool = True
+    sync_probe_tol: float = 0.02
     seed: int = 0
 
     def __post_init__(self) -> None:
         positive = ["group_size", "prompts_per_step", "minibatch_size", "micro_batch_size", "updates_per_batch",
-                    "max_new_tokens", "logprob_chunk_size", "total_steps"]
+                    "max_new_tokens", "logprob_chunk_size"] + ([] if self.total_steps is None else ["total_steps"])
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         non_negative = ["lr", "beta", "clip_low", "clip_high", "weight_decay", "max_grad_norm", "moe_aux_coef",
-                        "temperature", "warmup_steps", "ref_reset_every", "max_refill_rounds", "moe_bias_gamma"]
+                        "temperature", "warmup_steps", "ref_reset_every", "max_refill_rounds", "moe_bias_gamma",
+                        "sync_probe_tol"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be at least 2, got {self.group_size}: GRPO normalises each reward "
+                             f"within its prompt's group, so a group of one gives every completion advantage 0")
         if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
             raise ValueError(f"clip_ratio_c must be > 1 (or None), got {self.clip_ratio_c!r}")
         if not 0.0 < self.top_p <= 1.0:

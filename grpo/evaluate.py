@@ -37,6 +37,7 @@ from typing import Any
 
 from grpo.data import BUILTIN_PREFIX, DataError, DataSpec, load_data
 from grpo.eval_metrics import LengthStats, length_stats, maj_at_k, majority_vote, mean_or_none, pass_at_k, win_rate
+from rewards.answers import ANSWER_MODES
 
 RewardFn = Callable[..., Sequence[Any]]
 _RESERVED_COLUMNS = frozenset({"prompt", "prompts", "completions", "name", "on_error", "fn"})  # call_reward's own
@@ -65,6 +66,9 @@ class EvalConfig:
             rates.
         accuracy: Whether the rows carry reference answers (greedy accuracy, pass@k, maj@k); without, only
             rewards, format rate and lengths are measured.
+        answer_mode: How final answers are found (accuracy, answer rate, maj@k votes): ``strict`` (the R1
+            format: ``<answer>`` tags, ``\\boxed{}``, ``####``, a reply that is only a number) or ``lenient`` (also
+            an answer in free text, for models not trained on that format); see :mod:`rewards.answers`.
         batch_size: Prompts per generation call.
         seed: Base seed of the sampled completions.
         engine: Rollout engine for checkpoint folders (``torch`` or ``vllm``).
@@ -81,6 +85,7 @@ class EvalConfig:
     rewards: tuple[str, ...] = ()
     reward_models: tuple[str, ...] = ()
     accuracy: bool = True
+    answer_mode: str = "strict"
     batch_size: int = 16
     seed: int = 0
     engine: str = "torch"
@@ -100,6 +105,7 @@ class EvalConfig:
             ("k", self.n == 0 or (len(self.k) > 0 and all(_is_int(k) and 1 <= k <= self.n for k in self.k)),
              f"a non-empty list of integers in [1, n={self.n}] (raise n or lower k)"),
             ("rewards", all(isinstance(r, str) and r for r in self.rewards), "names or dotted paths"),
+            ("answer_mode", self.answer_mode in ANSWER_MODES, f"one of {list(ANSWER_MODES)}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -392,12 +398,14 @@ def _score(rewards: Mapping[str, RewardFn], prompts: list[Any], rollouts: list[A
     return {name: call_reward(fn, prompts, texts, name=name, **extra) for name, fn in rewards.items()}
 
 
-def answer_labels(texts: Sequence[str], answer: str) -> tuple[list[int | None], set[int], list[str]]:
+def answer_labels(texts: Sequence[str], answer: str, mode: str = "strict"
+                  ) -> tuple[list[int | None], set[int], list[str]]:
     """Groups the final answers of samples into vote labels.
 
     Args:
         texts: Sample completions of one prompt.
         answer: The reference answer.
+        mode: The answer extraction mode (see :func:`rewards.answers.extract_answer`).
 
     Returns:
         ``(labels, correct, representatives)``: each sample's label (``None`` without an answer), the correct
@@ -408,7 +416,7 @@ def answer_labels(texts: Sequence[str], answer: str) -> tuple[list[int | None], 
     reps: list[str] = []
     labels: list[int | None] = []
     for text in texts:
-        extracted = extract_answer(text)
+        extracted = extract_answer(text, mode)
         if extracted is None:
             labels.append(None)
             continue
@@ -436,9 +444,10 @@ class _Samples:
 
 def _sample_metrics(engine: Any, prompt_ids: list[list[int]], rows: list[dict[str, Any]], config: EvalConfig,
                     label: str) -> _Samples:
-    from rewards.rules import accuracy
+    from rewards.rules import AccuracyReward
     from rollout.base import SamplingConfig
 
+    accuracy = AccuracyReward(config.answer_mode)
     n = config.n
     sampling = SamplingConfig(n=n, max_tokens=config.max_tokens, temperature=config.temperature,
                               top_p=config.top_p, logprobs=False)
@@ -456,7 +465,7 @@ def _sample_metrics(engine: Any, prompt_ids: list[list[int]], rows: list[dict[st
     for i, row in enumerate(rows):
         group = rollouts[i * n : (i + 1) * n]
         c = sum(1 for s in hits[i * n : (i + 1) * n] if s == 1.0)
-        labels, right, reps = answer_labels([r.text for r in group], row["answer"])
+        labels, right, reps = answer_labels([r.text for r in group], row["answer"], config.answer_mode)
         correct.append(c)
         extracted.append(tuple(None if lab is None else reps[lab] for lab in labels))
         winner = majority_vote(labels)
@@ -505,9 +514,10 @@ def _evaluate(engine: Any, tokenizer: Any, label: str, rows: list[dict[str, Any]
               rewards: Mapping[str, RewardFn]) -> EvalResult:
     from grpo.trainer import encode_prompt
     from rewards.answers import extract_answer
-    from rewards.rules import accuracy, format_reward
+    from rewards.rules import AccuracyReward, format_reward
     from rollout.base import SamplingConfig
 
+    accuracy = AccuracyReward(config.answer_mode)
     prompts = [row["prompt"] for row in rows]
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
 
@@ -535,7 +545,7 @@ def _evaluate(engine: Any, tokenizer: Any, label: str, rows: list[dict[str, Any]
         greedy_accuracy=mean_or_none(scores["accuracy"]) if config.accuracy else None,
         pass_at_k=samples.pass_at_k if samples else {}, maj_at_k=samples.maj_at_k if samples else {},
         format_rate=mean_or_none(scores["format"]) or 0.0,
-        answer_rate=sum(extract_answer(g.text) is not None for g in greedy) / len(greedy),
+        answer_rate=sum(extract_answer(g.text, config.answer_mode) is not None for g in greedy) / len(greedy),
         rewards={key: mean_or_none(scores[key]) for key in rewards},
         greedy_length=length_stats([len(g.completion_ids) for g in greedy],
                                    [g.finish_reason == "length" for g in greedy]),
@@ -714,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--answer-column", default="answer")
     p.add_argument("--no-accuracy", action="store_true", help="rows have no answers: measure rewards only")
+    p.add_argument("--answer-mode", choices=ANSWER_MODES, default=EvalConfig.answer_mode,
+                   help="how final answers are found: strict (the R1 format: <answer> tags, \\boxed{}, ####, a bare "
+                        "number) or lenient (also 'the answer is 159', '80 + 79 = 159', a last number in free text)")
     p.add_argument("--n", type=int, default=EvalConfig.n, help="samples per prompt for pass@k/maj@k (0: greedy only)")
     p.add_argument("--k", type=_int_list, default=EvalConfig.k, help="comma-separated k values (default 1,4)")
     p.add_argument("--temperature", type=float, default=EvalConfig.temperature)
@@ -742,7 +755,8 @@ def _run(args: argparse.Namespace) -> int:
         raise EvalError(f"--limit must be an integer >= 1, got {args.limit}")
     config = EvalConfig(n=args.n, k=args.k, temperature=args.temperature, top_p=args.top_p,
                         max_tokens=args.max_tokens, rewards=tuple(args.reward), reward_models=tuple(args.reward_model),
-                        accuracy=not args.no_accuracy, batch_size=args.batch_size, seed=args.seed, engine=args.engine,
+                        accuracy=not args.no_accuracy, answer_mode=args.answer_mode, batch_size=args.batch_size,
+                        seed=args.seed, engine=args.engine,
                         device=args.device, progress=not args.no_progress)
     folders = [check_checkpoint(c) for c in args.checkpoints]
     rows = load_rows(args.data, split=args.split, limit=args.limit, prompt_column=args.prompt_column,

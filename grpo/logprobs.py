@@ -3,8 +3,10 @@
 The model's backbone (``model.get_decoder()``) runs on the whole sequence; only the hidden states that
 predict completion tokens go through the LM head, inside :func:`kernels.token_logprobs`, which works in chunks
 of tokens and recomputes each chunk's logits in the backward pass. Position ids come from the attention mask
-(``cumsum - 1``), so left-padded prompts see the same positions as unpadded ones. A backbone with
-``supports_shared_prefix`` (ours) computes a context shared by several rows once (a prompt and its G samples).
+(``cumsum - 1``), so left-padded prompts see the same positions as unpadded ones. A prompt shared by several
+rows (a prompt and its G samples) is computed once: by a backbone with ``supports_shared_prefix`` (ours) in one
+pass, by a transformers decoder in two (the distinct prompts fill a KV cache that stays in the autograd graph,
+its rows are gathered for the rows sharing each prompt, and the completions run over it).
 
 LM heads, from the model's ``get_output_embeddings()`` and its config:
 
@@ -129,14 +131,75 @@ def _make_batch(input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int |
     return _Batch(input_ids, attention_mask, position_ids, start, stop, valid)
 
 
-def _fused_logprobs(model: nn.Module, head: LMHead, batch: _Batch, kw: dict[str, Any]) -> Pair:
-    """Backbone, then the chunked kernel over valid completion tokens: ``(logp [M], entropy [M] | None)``."""
-    decoder = model.get_decoder()
-    end = batch.stop - 1  # the last completion token predicts nothing we score: the backbone stops before it
-    # Rows sharing a prompt (the G samples of a group) run it once where the backbone supports that.
+def _prompt_groups(batch: _Batch) -> tuple[Tensor, Tensor] | None:
+    """Rows that share their prompt (ids and mask): ``(first row of each distinct prompt [U], the distinct
+    prompt of each row [N])``, or None when every row has its own prompt."""
+    prompt = torch.cat([batch.input_ids[:, : batch.start], batch.attention_mask[:, : batch.start].long()], 1)
+    distinct, inverse = torch.unique(prompt, dim=0, return_inverse=True)
+    n = prompt.shape[0]
+    if distinct.shape[0] == n:
+        return None
+    rows = torch.arange(n, device=prompt.device)
+    first = torch.full((distinct.shape[0],), n, device=prompt.device).scatter_reduce(0, inverse, rows, "amin")
+    return first, inverse
+
+
+def _cache_argument(decoder: nn.Module) -> str | None:
+    """The keyword a transformers decoder takes its KV cache by (``cache`` in transformers 5), or None."""
+    import inspect
+
+    params = inspect.signature(decoder.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _returned_cache(out: Any) -> Any:
+    """The cache a transformers forward returned (``cache`` in transformers 5, ``past_key_values`` before)."""
+    return out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
+
+
+def _hf_shared_prompt_hidden(decoder: nn.Module, batch: _Batch, end: int) -> Tensor | None:
+    """Hidden states at positions ``start - 1 .. end - 1`` for a transformers decoder, each distinct prompt run
+    once: the prompts' forward fills a KV cache (kept in the autograd graph), its rows are gathered for the rows
+    that share each prompt, and the completions run on top of it. ``[N, end - start + 1, H]``, or None when the
+    rows share no prompt or the decoder's cache cannot be gathered this way (sliding windows, gradient
+    checkpointing, no cache argument)."""
+    from transformers import DynamicCache
+
+    groups = _prompt_groups(batch)
+    cache_arg = _cache_argument(decoder)
+    if groups is None or cache_arg is None or getattr(decoder, "gradient_checkpointing", False):
+        return None
+    first, inverse = groups
+    start = batch.start
+    cache = DynamicCache(config=getattr(decoder, "config", None))
+    if any(getattr(cache, "is_sliding", None) or []):
+        return None
+    prompts = decoder(input_ids=batch.input_ids[first, :start], attention_mask=batch.attention_mask[first, :start],
+                      position_ids=batch.position_ids[first, :start], use_cache=True, **{cache_arg: cache})
+    cache = _returned_cache(prompts)
+    if not isinstance(cache, DynamicCache):
+        return None
+    cache.reorder_cache(inverse)  # [U, ...] -> [N, ...]: each row gets its prompt's keys and values
+    rest = decoder(input_ids=batch.input_ids[:, start:end], attention_mask=batch.attention_mask[:, :end],
+                   position_ids=batch.position_ids[:, start:end], use_cache=True, **{cache_arg: cache})
+    last_prompt = prompts.last_hidden_state[inverse, start - 1 : start]  # [N, 1, H]
+    return torch.cat([last_prompt, rest.last_hidden_state], dim=1)  # [N, end - start + 1, H]
+
+
+def _backbone_hidden(decoder: nn.Module, batch: _Batch, end: int, share_prompts: bool) -> Tensor:
+    """Hidden states at positions ``start - 1 .. end - 1`` (those that predict the completion). ``[N, T, H]``
+
+    Rows sharing a prompt (the G samples of a group) run it once: ours through its shared-prefix forward, a
+    transformers decoder through a gathered KV cache (:func:`_hf_shared_prompt_hidden`).
+    """
     shared = {}
-    if getattr(decoder, "supports_shared_prefix", False) and batch.start < end:
-        shared = {"shared_prefix": batch.start}
+    if share_prompts and batch.start < end:
+        if getattr(decoder, "supports_shared_prefix", False):
+            shared = {"shared_prefix": batch.start}
+        elif getattr(decoder, "config", None) is not None and hasattr(decoder, "get_input_embeddings"):
+            hidden = _hf_shared_prompt_hidden(decoder, batch, end)
+            if hidden is not None:
+                return hidden
     out = decoder(
         input_ids=batch.input_ids[:, :end],
         attention_mask=batch.attention_mask[:, :end],
@@ -145,7 +208,15 @@ def _fused_logprobs(model: nn.Module, head: LMHead, batch: _Batch, kw: dict[str,
         **shared,
     )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [N, L, H]
-    hidden = hidden[:, batch.start - 1 : end][batch.valid].to(head.weight.dtype)  # [M, H]
+    return hidden[:, batch.start - 1 : end]
+
+
+def _fused_logprobs(model: nn.Module, head: LMHead, batch: _Batch, kw: dict[str, Any],
+                    share_prompts: bool = True) -> Pair:
+    """Backbone, then the chunked kernel over valid completion tokens: ``(logp [M], entropy [M] | None)``."""
+    end = batch.stop - 1  # the last completion token predicts nothing we score: the backbone stops before it
+    hidden = _backbone_hidden(model.get_decoder(), batch, end, share_prompts)  # [N, T, H]
+    hidden = hidden[batch.valid].to(head.weight.dtype)  # [M, H]
     weight = head.weight  # [V, H]
     if head.bias is not None:
         hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)  # [M, H+1]
@@ -178,6 +249,7 @@ def sequence_logprobs(
     chunk_size: int | None = None,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    share_prompts: bool = True,
 ) -> Pair:
     """Log-probs (and entropy) of the completion tokens under ``model``.
 
@@ -189,6 +261,8 @@ def sequence_logprobs(
         chunk_size: Tokens per LM-head chunk; ``None`` lets :func:`kernels.token_logprobs` choose.
         with_entropy: Also return the entropy of each position's next-token distribution.
         temperature: Logits are divided by it (match the sampling temperature).
+        share_prompts: Run a prompt shared by several rows once (same values up to float rounding; a
+            transformers model then runs its prompts and its completions in two passes over a KV cache).
 
     Returns:
         ``(logp, entropy)``, float32 ``[N, T]`` each (``entropy`` is ``None`` unless ``with_entropy``).
@@ -206,7 +280,7 @@ def sequence_logprobs(
     kw: dict[str, Any] = dict(temperature=temperature, with_entropy=with_entropy)
     if head.fused:
         kw |= dict(temperature=temperature / head.logit_scale, chunk_size=chunk_size)
-        logp, entropy = _fused_logprobs(model, head, batch, kw)
+        logp, entropy = _fused_logprobs(model, head, batch, kw, share_prompts)
     else:  # the model's logits already include its scale and soft-capping
         logp, entropy = _full_logits_logprobs(model, batch, kw)
     zeros = torch.zeros(batch.valid.shape, dtype=logp.dtype, device=logp.device)  # [N, T]

@@ -62,7 +62,8 @@ def evaluate_run(p: Pipeline) -> dict[str, dict[str, Any]]:
         # the weighted sum of raw scores: ``normalize-then-sum`` is a training-time transform whose mean over the
         # evaluated set is 0 by construction, so it cannot compare checkpoints
         pref_reward = combine(p.resolve_rewards(specs), mode="sum")
-    config = EvalConfig(n=0, max_tokens=cfg.max_new_tokens, accuracy=True, progress=True)
+    config = EvalConfig(n=0, max_tokens=cfg.max_new_tokens, accuracy=True, answer_mode=cfg.answer_mode,
+                        progress=True)
     pref_config = dataclasses.replace(config, accuracy=False, n=cfg.pref_samples, k=(1,) if cfg.pref_samples else (),
                                       temperature=cfg.pref_temperature, seed=p.recipe.seed)
     evals: dict[str, dict[str, Any]] = {}

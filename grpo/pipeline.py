@@ -119,6 +119,7 @@ class Pipeline:
         self.threads = recipe.ray.threads_per_worker or os.cpu_count()
         self.policy: Any = None
         self.rollouts: list[Any] = []
+        self.rollout_engine: str | None = None
         self.offloaded = False
 
     # -- paths ------------------------------------------------------------------------------------------------
@@ -139,6 +140,7 @@ class Pipeline:
         started, scratch = init_ray(self.recipe)
         try:
             self._base_checkpoint()
+            self._preflight()
             for phase in self.recipe.phases:
                 if self.progress.done(phase) and phase != "eval":
                     log.warning("phase %s already complete: skipped", phase)
@@ -164,11 +166,10 @@ class Pipeline:
             return
         cfg = self.recipe.model
         if cfg.path is not None:
-            from transformers import AutoTokenizer
-
             from grpo.workers import load_policy, save_policy
+            from rollout.loading import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+            tokenizer = load_tokenizer(cfg.tokenizer or cfg.path)
             save_policy(load_policy(cfg.path, cfg.dtype), base, tokenizer)
             return
         import torch
@@ -176,17 +177,26 @@ class Pipeline:
         from model import DeepSeekConfig, DeepSeekForCausalLM, build_tokenizer
 
         if cfg.tokenizer is not None:
-            from transformers import AutoTokenizer
+            from rollout.loading import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+            tokenizer = load_tokenizer(cfg.tokenizer)
         else:
             tokenizer = build_tokenizer()
         config = DeepSeekConfig.from_preset(
             cfg.preset, **{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                            **cfg.overrides})
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(self.recipe.seed + cfg.seed)
         DeepSeekForCausalLM(config).save_pretrained(base, tokenizer=tokenizer)
+
+    def _preflight(self) -> None:
+        """Checks, before any phase starts, what would otherwise fail minutes into a run: every RL stage's engine
+        must take the policy's weights (names and shapes)."""
+        from grpo.workers import preflight_weight_sync
+
+        for phase in ("rl_reason", "rl_pref"):
+            if phase in self.recipe.phases:
+                preflight_weight_sync(str(self.ckpt("base")), getattr(self.recipe, phase).engine)
 
     # -- roles ----------------------------------------------------------------------------------------------------
     def policy_worker(self) -> Any:
@@ -203,9 +213,16 @@ class Pipeline:
         return self.policy
 
     def rollout_workers(self, engine: str) -> list[Any]:
+        """The rollout workers for a stage, awake: the existing ones when they run ``engine``, else new ones (an
+        earlier stage's workers with another engine are stopped)."""
         import ray
 
+        if self.rollouts and self.rollout_engine != engine:
+            for worker in self.rollouts:
+                ray.kill(worker)
+            self.rollouts = []
         if not self.rollouts:
+            self.rollout_engine = engine
             cfg = self.recipe.ray
             actor = remote(RolloutWorker, num_cpus=cfg.rollout_cpus, scheduling_strategy="SPREAD")
             self.rollouts = [actor.remote(str(self.current_policy()), engine=engine, threads=self.threads,
@@ -261,7 +278,8 @@ def run_sft(p: Pipeline) -> None:
     if p.recipe.resume:
         latest = (state_dir / "latest")
         p.logger.truncate_after("sft", int(latest.read_text().split("_")[1]) if latest.exists() else 0)
-    history = ray.get(policy.sft.remote(rows, cfg.train, str(state_dir), p.recipe.checkpoint_every,
+    train = dataclasses.replace(cfg.train, seed=p.recipe.seed + cfg.train.seed)
+    history = ray.get(policy.sft.remote(rows, train, str(state_dir), p.recipe.checkpoint_every,
                                         p.recipe.resume))
     for m in history:
         p.logger.log("sft", int(m.pop("step")), m)
@@ -273,7 +291,7 @@ def _run_rl(p: Pipeline, phase: str, cfg: RLPhase) -> None:
     import ray
 
     rows = _rows(cfg.data)
-    g = cfg.grpo
+    g = dataclasses.replace(cfg.grpo, seed=p.recipe.seed + cfg.grpo.seed)
     policy = p.policy_worker()
     rollouts = p.rollout_workers(cfg.engine)
     reward = remote(RewardWorker, num_cpus=0.25).remote(p.resolve_rewards(cfg.rewards), cfg.reward_mode,
@@ -284,7 +302,7 @@ def _run_rl(p: Pipeline, phase: str, cfg: RLPhase) -> None:
                                                                   dtype=p.recipe.model.dtype, device=p._device())
     ray.get(policy.start_rl.remote(g, rollouts, reward, reference))
     state_dir = str(p.run_dir / "state" / phase)
-    sampler = PromptSampler(len(rows), p.recipe.seed + g.seed)
+    sampler = PromptSampler(len(rows), g.seed)
     start = 0
     if p.recipe.resume:
         resumed = ray.get(policy.load_rl_state.remote(state_dir))
@@ -293,11 +311,15 @@ def _run_rl(p: Pipeline, phase: str, cfg: RLPhase) -> None:
             sampler.load(extra["sampler"])
         p.logger.truncate_after(phase, start)
     refill = g.prompts_per_step * g.max_refill_rounds if g.dynamic_sampling else 0
+    eval_rows = _rows(p.recipe.eval.data) if cfg.eval_every else []
     bar = tqdm(range(start, cfg.steps), desc=phase, initial=start, total=cfg.steps, dynamic_ncols=True)
     for step in bar:
         batch = [rows[i] for i in sampler.take(g.prompts_per_step)]
         pool = [rows[i] for i in sampler.take(refill)] if refill else None
         metrics = ray.get(policy.rl_step.remote(batch, pool))
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            metrics.update(ray.get(policy.rl_evaluate.remote(eval_rows, p.recipe.eval.max_new_tokens,
+                                                             p.recipe.eval.answer_mode)))
         p.logger.log(phase, step + 1, metrics)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}")
         if (step + 1) % p.recipe.checkpoint_every == 0 or step + 1 == cfg.steps:
@@ -343,7 +365,8 @@ def run_rm(p: Pipeline) -> None:
             continue
         train = _rows(spec.data)
         evals = _rows(spec.eval_data) if spec.eval_data is not None else None
-        result = ray.get(task.remote(str(init), str(out), train, evals, spec.train, p.threads))
+        config = dataclasses.replace(spec.train, seed=p.recipe.seed + spec.train.seed)
+        result = ray.get(task.remote(str(init), str(out), train, evals, config, p.threads))
         results[name] = {"eval_accuracy": result.get("eval_accuracy"), "steps": result.get("steps")}
         p.logger.log("rm", 0, {f"rm/{name}/eval_accuracy": result.get("eval_accuracy") or 0.0,
                                f"rm/{name}/final_loss": (result.get("losses") or [0.0])[-1]})

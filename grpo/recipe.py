@@ -22,6 +22,7 @@ import yaml
 
 from grpo.config import GRPOConfig
 from grpo.data import DataSpec
+from rewards.answers import check_answer_mode
 from rewards.combine import RewardSpec
 from rewards.rm_train import RewardModelTrainConfig
 from sft.trainer import SFTConfig
@@ -61,9 +62,10 @@ class ModelConfig:
     """The policy.
 
     Attributes:
-        preset: A :meth:`model.DeepSeekConfig.from_preset` name, used to build a fresh model when ``path`` is None.
+        preset: A :meth:`model.DeepSeekConfig.from_preset` name: build a fresh model (set ``preset`` or ``path``,
+            not both).
         path: A Hugging Face checkpoint folder (ours or any causal LM) to start from.
-        overrides: Config fields changed on top of the preset.
+        overrides: Config fields changed on top of the preset (a fresh model only).
         tokenizer: A tokenizer folder; None builds the embedded tiny tokenizer (with a preset) or uses ``path``.
         dtype: ``float32`` or ``bfloat16``.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
@@ -83,6 +85,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.preset is None and self.path is None:
             raise ValueError("set model.preset (a fresh model) or model.path (a checkpoint folder)")
+        if self.preset is not None and self.path is not None:
+            raise ValueError(f"model.preset ({self.preset!r}) and model.path ({self.path!r}) are both set, but a "
+                             f"run starts from one: a fresh preset model or the checkpoint folder. Pass "
+                             f"model.preset=null to start from the folder")
+        if self.path is not None and self.overrides:
+            raise ValueError(f"model.overrides {sorted(self.overrides)} change a fresh preset model's config; a "
+                             f"checkpoint folder (model.path) keeps its own config.json")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -110,8 +119,11 @@ class RLPhase:
         reward_mode: ``sum`` or ``normalize-then-sum`` (see :mod:`rewards.combine`).
         steps: RL steps.
         grpo: The trainer's settings.
-        engine: Rollout engine, ``torch`` or ``vllm``.
-        eval_every: Evaluate on the held-out set every this many steps (0: only at the end).
+        engine: Rollout engine, ``torch`` or ``vllm`` (or another registered name); a stage whose engine differs
+            from the previous stage's gets rollout workers of its own.
+        eval_every: Every this many steps, greedy accuracy on the held-out set ``eval.data`` (answers checked in
+            ``eval.answer_mode``), logged as ``eval/accuracy``; 0 turns it off (the ``eval`` phase still measures
+            every checkpoint at the end).
     """
 
     data: DataSpec = field(default_factory=lambda: DataSpec(source="builtin:arithmetic", n=2000))
@@ -129,6 +141,10 @@ class RLPhase:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.rewards:
             raise ValueError("rewards must list at least one reward")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.grpo.total_steps is None:  # the schedule's horizon follows the stage's length
+            self.grpo = dataclasses.replace(self.grpo, total_steps=self.steps)
         if self.grpo.advantage == "process" and len(self.rewards) != 1:
             raise ValueError(f"grpo.advantage 'process' takes one process reward (returning StepRewards), got "
                              f"{len(self.rewards)} rewards: step scores are not combined with weights")
@@ -168,6 +184,8 @@ class EvalPhase:
             choice).
         checkpoints: Which phase checkpoints to evaluate (those that exist).
         max_new_tokens: Completion length limit.
+        answer_mode: How accuracy finds final answers: ``strict`` (the R1 format the tiny recipe trains) or
+            ``lenient`` (free-text answers of models not trained on that format); see :mod:`rewards.answers`.
     """
 
     data: DataSpec = field(default_factory=lambda: DataSpec(source="builtin:arithmetic", split="test", n=200))
@@ -177,8 +195,10 @@ class EvalPhase:
     pref_temperature: float = 1.0
     checkpoints: list[str] = field(default_factory=lambda: ["base", "sft", "rl_reason", "rl_pref"])
     max_new_tokens: int = 64
+    answer_mode: str = "strict"
 
     def __post_init__(self) -> None:
+        check_answer_mode(self.answer_mode)
         if isinstance(self.pref_samples, bool) or not isinstance(self.pref_samples, int) or self.pref_samples < 0:
             raise ValueError(f"pref_samples must be an integer >= 0, got {self.pref_samples!r}")
         if not self.pref_temperature > 0:
@@ -192,7 +212,10 @@ class Recipe:
     Attributes:
         name: Run name; the run folder is ``output_dir/name``.
         output_dir: Parent folder of run folders.
-        seed: Global seed.
+        seed: Global seed, added to every component's own seed: the fresh model's initialisation
+            (``model.seed``), the SFT data order (``sft.train.seed``), each RL stage's sampling and prompt order
+            (``grpo.seed``) and each reward model's training (``rm.models.*.train.seed``). The data sets keep
+            their own seeds, so runs with different seeds train on the same data.
         phases: Phases to run, in order (a subset of ``sft, rl_reason, rm, rl_pref, eval``).
         resume: Continue from the run folder's last complete checkpoint.
         checkpoint_every: RL steps between checkpoints (the end of a phase is always saved).

@@ -557,9 +557,9 @@ RECIPE_SETTINGS = (
     "name", "seed", "phases", "model.preset", "model.path", "model.dtype",
     "sft.train.lr", "sft.train.epochs", "sft.train.batch_size",
     *(f"{p}.{k}" for p in ("rl_reason", "rl_pref") for k in (
-        "steps", "rewards", "reward_mode", "grpo.group_size", "grpo.prompts_per_step", "grpo.lr", "grpo.beta",
-        "grpo.kl", "grpo.clip_low", "grpo.clip_high", "grpo.loss_agg", "grpo.advantage", "grpo.temperature",
-        "grpo.max_new_tokens")),
+        "steps", "rewards", "reward_mode", "grpo.group_size", "grpo.prompts_per_step", "grpo.lr", "grpo.lr_schedule",
+        "grpo.beta", "grpo.weight_decay", "grpo.kl", "grpo.clip_low", "grpo.clip_high", "grpo.loss_agg",
+        "grpo.advantage", "grpo.temperature", "grpo.max_new_tokens")),
 )
 
 
@@ -597,6 +597,32 @@ def recipe_settings(recipe: Any) -> dict[str, Any]:
         elif isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value))
         out[key] = value
+    return out
+
+
+# recipe keys whose value the report takes from what the run logged: (phase, logged metric, recipe key)
+RAN_SETTINGS = (
+    ("sft", "lr", "sft.train.lr"),
+    *((p, k, f"{p}.grpo.{k}") for p in ("rl_reason", "rl_pref") for k in ("lr", "beta", "temperature",
+                                                                          "weight_decay")),
+)
+
+
+def _ran_value(values: Sequence[float]) -> str:
+    """One logged setting over a phase: the value, or its range and last value when it changed (a schedule)."""
+    first, last, top = values[0], values[-1], max(values)
+    if all(v == first for v in values):
+        return f"{first:g}"
+    return f"{first:g} .. {top:g} -> {last:g} (first, peak, last of {len(values)} steps)"
+
+
+def ran_settings(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The settings as the run logged them (:data:`RAN_SETTINGS`), for the report's recipe table: what ran."""
+    out = {}
+    for phase, metric, key in RAN_SETTINGS:
+        values = [float(r[metric]) for r in records if r.get("phase") == phase and r.get(metric) is not None]
+        if values:
+            out[key] = _ran_value(values)
     return out
 
 
@@ -652,7 +678,8 @@ def _markdown(run_dir: Path, evals: Mapping[str, PhaseEval], deltas: Mapping[str
         for p in plots:
             out += [f"![{p.stem}]({Path(os.path.relpath(p, run_dir)).as_posix()})", ""]
     if settings:
-        out += ["## Recipe", "", "| setting | value |", "|---|---|"]
+        out += ["## Recipe", "", "Learning rates, KL weights, temperatures and weight decays are the values the run "
+                "logged at each step.", "", "| setting | value |", "|---|---|"]
         out += [f"| {k} | {v} |" for k, v in settings.items()] + [""]
     if notes:
         out += ["## Notes", "", *(f"- {n}" for n in notes), ""]
@@ -685,6 +712,8 @@ def write_report(run_dir: str | Path, evals: Mapping[str, Mapping[str, Any]], *,
         raise TypeError(f"notes: expected a list of strings, got {notes!r}")
     parsed = {str(phase): PhaseEval.from_mapping(str(phase), data) for phase, data in evals.items()}
     settings = recipe_settings(recipe) if recipe is not None else {}
+    if (run_dir / METRICS_FILE).exists():
+        settings.update(ran_settings(read_metrics(run_dir)))  # what ran, as logged, over what was asked for
     recipe_data = dataclasses.asdict(recipe) if dataclasses.is_dataclass(recipe) else recipe
     deltas, tax = compute_deltas(parsed, recipe_data)
     plots = plot_metrics(run_dir) if (run_dir / METRICS_FILE).exists() else []

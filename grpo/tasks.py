@@ -115,6 +115,11 @@ class ArithmeticOptions:
         allow_negative: Whether intermediate values and results may be negative.
         test_fraction: Share of all problems that belong to the test split (fixed by a hash of the
             expression).
+        terse_fraction: Share of rows whose SFT ``completion`` skips the worked steps
+            (``<think></think><answer>79</answer>``), as terse human-written solutions do. The problems,
+            prompts and answers do not depend on it. A policy fine-tuned on such a mix sometimes answers without
+            working, which fails more often on multi-step problems; RL with the ``accuracy`` reward learns to
+            work the problem out (the tiny recipe's stage 1 shows it).
     """
 
     digits: int = 1
@@ -124,6 +129,7 @@ class ArithmeticOptions:
     ops: str = "+-*"
     allow_negative: bool = False
     test_fraction: float = 0.1
+    terse_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("digits", "mul_digits", "min_ops"):
@@ -138,6 +144,8 @@ class ArithmeticOptions:
         if not self.ops or set(self.ops) - set("+-*"):
             raise ValueError(f"arithmetic option ops must be a non-empty subset of '+-*', got {self.ops!r}")
         _check_fraction(self.test_fraction)
+        if not isinstance(self.terse_fraction, (int, float)) or not 0.0 <= self.terse_fraction <= 1.0:
+            raise ValueError(f"arithmetic option terse_fraction must lie in [0, 1], got {self.terse_fraction!r}")
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,11 @@ class Problem:
     def completion(self) -> str:
         """The SFT target: ``<think>{thought}</think><answer>{result}</answer>``."""
         return format_completion(self.thought, str(self.result))
+
+    @property
+    def terse_completion(self) -> str:
+        """The answer without the worked steps: ``<think></think><answer>{result}</answer>``."""
+        return format_completion("", str(self.result))
 
 
 def format_completion(thought: str, answer: str) -> str:
@@ -308,7 +321,7 @@ def arithmetic(n: int, seed: int = 0, split: str = "train", **options: Any) -> l
         **options: Fields of :class:`ArithmeticOptions`.
 
     Returns:
-        Rows with ``prompt``, ``completion`` and ``answer``.
+        Rows with ``prompt``, ``completion`` (terse for a ``terse_fraction`` of the rows) and ``answer``.
 
     Example:
         >>> arithmetic(1, seed=0)[0]["completion"].startswith("<think>")
@@ -317,10 +330,12 @@ def arithmetic(n: int, seed: int = 0, split: str = "train", **options: Any) -> l
     _check_request(n, seed, split)
     opt = _options(ArithmeticOptions, "arithmetic", options)
     rng = _rng("arithmetic", seed, split)
+    style = _rng("arithmetic-style", seed, split)  # its own stream: the problems do not depend on the mix
     rows = []
     for problem in _distinct_problems(n, rng, split, opt):
         prompt = rng.choice(_ARITH_TEMPLATES).format(e=problem.expression)
-        rows.append({"prompt": prompt, "completion": problem.completion, "answer": str(problem.result)})
+        completion = problem.terse_completion if style.random() < opt.terse_fraction else problem.completion
+        rows.append({"prompt": prompt, "completion": completion, "answer": str(problem.result)})
     return rows
 
 

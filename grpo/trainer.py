@@ -9,10 +9,11 @@ Dr.GRPO's aggregation, GSPO's sequence ratio, and resetting the reference model 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,16 @@ from grpo.logprobs import sequence_logprobs
 from grpo.losses import policy_loss
 from grpo.steps import check_step_rewards, step_groups_flat, token_step_ends
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
+from rollout.weights import (
+    StaleWeightsError,
+    WeightReport,
+    bucketed,
+    check_names,
+    compare_fingerprints,
+    named_weights,
+)
+
+log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
@@ -97,28 +108,6 @@ def pad_trajectories(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     return ids, attn, comp
 
 
-def hf_named_tensors(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
-    """(Hugging Face name, tensor) pairs of a model's weights: ours maps its internal layout to HF names."""
-    named = getattr(model, "named_hf_weights", None)
-    if named is not None:
-        return named()
-    return model.state_dict().items()
-
-
-def bucketed(named: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> Iterable[list[tuple[str, Tensor]]]:
-    """Groups (name, tensor) pairs into buckets of about ``bucket_bytes`` each."""
-    bucket: list[tuple[str, Tensor]] = []
-    size = 0
-    for name, tensor in named:
-        bucket.append((name, tensor.detach()))
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
-
-
 class GRPOTrainer:
     """Trains a causal LM (ours or any transformers model) with GRPO against reward functions.
 
@@ -135,12 +124,19 @@ class GRPOTrainer:
         ref_model: The frozen reference policy: a module, or a remote reference with ``logprobs(input_ids,
             attention_mask, completion_len, chunk_size=, temperature=)`` and ``update_weights(named)``; a copy
             of ``policy`` when None and β > 0.
-        optimizer: Defaults to AdamW over the policy's trainable parameters.
+        optimizer: Defaults to AdamW over the policy's trainable parameters, built from ``config``.
+        optimizer_state: An earlier optimizer's ``state_dict()`` (the previous stage's, with
+            ``config.carry_optimizer_state``) whose Adam moments the new optimizer starts from; its learning rate
+            and weight decay are this config's.
     """
 
     def __init__(self, policy: nn.Module, engine: RolloutEngine, reward_fn: Callable[..., Any], tokenizer: Any,
                  config: GRPOConfig, ref_model: nn.Module | None = None,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
+                 optimizer: torch.optim.Optimizer | None = None, optimizer_state: dict[str, Any] | None = None
+                 ) -> None:
+        if config.lr_schedule == "cosine" and config.total_steps is None:
+            raise ValueError("lr_schedule 'cosine' needs total_steps (the schedule's horizon in RL steps); recipes "
+                             "default it to the stage's steps")
         self.policy, self.engine, self.reward_fn = policy, engine, reward_fn
         self.tokenizer, self.config = tokenizer, config
         if ref_model is None and config.beta > 0:
@@ -150,11 +146,17 @@ class GRPOTrainer:
             ref_model.eval().requires_grad_(False)
         params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+            for group in self.optimizer.param_groups:  # the moments carry over; the settings are this stage's
+                group.update(lr=config.lr, initial_lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step_count = 0
         self.rng = torch.Generator().manual_seed(config.seed)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._aux_losses: dict[str, Tensor] = {}
+        self._sync_names_checked = False
+        self._unverifiable_warned = False
         decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else policy
         decoder.register_forward_hook(self._capture_aux_losses)
 
@@ -170,7 +172,7 @@ class GRPOTrainer:
         if cfg.lr_schedule == "constant":
             return 1.0
         updates_per_step = cfg.updates_per_batch * (cfg.batch_size // cfg.minibatch_size)
-        horizon = max(1, cfg.total_steps * updates_per_step - cfg.warmup_steps)
+        horizon = max(1, (cfg.total_steps or 1) * updates_per_step - cfg.warmup_steps)
         progress = min(1.0, (opt_step - cfg.warmup_steps) / horizon)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -196,13 +198,18 @@ class GRPOTrainer:
             batch = self._reference_logprobs(batch)
         with timer("update"):
             metrics.update(self._update(batch))
-        with timer("sync"):
-            self.sync_weights()
+        self.sync_weights(metrics=metrics)
         self.step_count += 1
         if cfg.ref_reset_every and self.ref_model is not None and self.step_count % cfg.ref_reset_every == 0:
             self._reset_reference()
         metrics.update(self._rollout_metrics(rollouts, scores, metrics))
+        metrics.update(self._settings_that_ran())
         return metrics
+
+    def _settings_that_ran(self) -> dict[str, float]:
+        """The step's settings as they ran (the optimizer's own weight decay, not the config's)."""
+        return {"beta": self.config.beta, "temperature": self.config.temperature,
+                "weight_decay": float(self.optimizer.param_groups[0].get("weight_decay", 0.0))}
 
     # -- generate + score (with dynamic sampling) ---------------------------------------------------------------
     def _sample_and_score(self, rows, refill, metrics, timer):
@@ -317,7 +324,7 @@ class GRPOTrainer:
         if isinstance(self.ref_model, nn.Module):
             self.ref_model.load_state_dict(self.policy.state_dict())
         else:
-            self.ref_model.update_weights(list(hf_named_tensors(self.policy)))
+            self.ref_model.update_weights(list(named_weights(self.policy)))
 
     def _ref_logprobs(self, batch: Trajectories) -> Tensor:
         if isinstance(self.ref_model, nn.Module):
@@ -348,7 +355,10 @@ class GRPOTrainer:
         for _ in range(cfg.updates_per_batch):
             order = torch.randperm(n, generator=self.rng)
             for start in range(0, n, cfg.minibatch_size):
-                stats = self._minibatch_step(batch.select(order[start:start + cfg.minibatch_size]))
+                # in row order inside the minibatch (the same update): micro-batches then hold whole groups, so
+                # each prompt runs once per micro-batch for all of its samples (see grpo.logprobs)
+                rows = order[start:start + cfg.minibatch_size].sort().values
+                stats = self._minibatch_step(batch.select(rows))
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -383,11 +393,11 @@ class GRPOTrainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if cfg.max_grad_norm > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        stats["lr"] = self.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
         self.optimizer.step()
         self.scheduler.step()
         if cfg.moe_bias_gamma and hasattr(self.policy, "update_router_bias"):
             self.policy.update_router_bias(cfg.moe_bias_gamma)
-        stats["lr"] = self.scheduler.get_last_lr()[0]
         return stats
 
     def _moe_aux_loss(self) -> Tensor:
@@ -398,10 +408,85 @@ class GRPOTrainer:
 
     # -- weights ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sync_weights(self, bucket_bytes: int = 64 << 20) -> None:
-        """Pushes the policy's weights to the engine in buckets."""
-        for bucket in bucketed(hf_named_tensors(self.policy), bucket_bytes):
-            self.engine.update_weights(bucket)
+    def sync_weights(self, bucket_bytes: int = 64 << 20, metrics: dict[str, float] | None = None) -> None:
+        """Pushes the policy's weights to the engine in whole-layer buckets, then (``config.sync_check``) checks
+        that the engine holds them (:meth:`check_sync`).
+
+        Args:
+            bucket_bytes: About how many bytes to send per call (a decoder layer is never split).
+            metrics: Where to add ``time/sync``, ``time/sync_check``, ``sync/bytes`` and ``sync/checked_tensors``.
+
+        Raises:
+            KeyError / ValueError: before anything is sent, for a name or shape the engine does not accept.
+            StaleWeightsError: when the engine's weights differ from the trainer's after the sync.
+        """
+        metrics = {} if metrics is None else metrics
+        timer = _PhaseTimer(metrics)
+        with timer("sync"):
+            if not self._sync_names_checked:  # engines outside the RolloutEngine ABC may lack these hooks
+                accepted = getattr(self.engine, "accepted_weights", lambda: None)()
+                if accepted is not None:
+                    check_names({n: tuple(t.shape) for n, t in named_weights(self.policy)}, accepted,
+                                getattr(self.engine, "description", type(self.engine).__name__))
+                self._sync_names_checked = True
+            sent: dict[str, Tensor] = {}
+            for bucket in bucketed(named_weights(self.policy), bucket_bytes):
+                self.engine.update_weights(bucket)
+                sent.update(bucket)
+        metrics["sync/bytes"] = float(sum(t.numel() * t.element_size() for t in sent.values()))
+        if self.config.sync_check:
+            with timer("sync_check"):
+                metrics["sync/checked_tensors"] = float(self.check_sync(sent))
+
+    @torch.no_grad()
+    def check_sync(self, sent: dict[str, Tensor]) -> int:
+        """The stale-weight guard: every engine replica must hold ``sent``, judged by fingerprints per tensor
+        (exact, in the engine's dtype) or, for engines without them, by log-probs of a fixed probe sequence.
+
+        Returns:
+            How many tensors were checked by fingerprint (over all replicas).
+
+        Raises:
+            StaleWeightsError: naming the replica and the first tensor (or the probe) that differs.
+        """
+        probe = self._probe_ids()
+        mine: list[float] | None = None
+        checked = 0
+        reporter = getattr(self.engine, "weight_reports", None)
+        reports = reporter(list(sent), probe) if reporter is not None else [
+            WeightReport(type(self.engine).__name__, None, None)]
+        for report in reports:
+            if report.fingerprints is not None:
+                compare_fingerprints(sent, report.fingerprints, report.where)
+                checked += len(sent)
+            elif report.probe is not None:
+                if mine is None:
+                    mine = self._probe_logprobs(probe)
+                gap = sum(abs(a - b) for a, b in zip(report.probe, mine)) / max(1, len(mine))
+                if len(report.probe) != len(mine) or not gap <= self.config.sync_probe_tol:
+                    raise StaleWeightsError(
+                        f"weight sync check: {report.where} gives log-probs of the probe sequence that differ from "
+                        f"the trainer's by {gap:.4g} on average (sync_probe_tol {self.config.sync_probe_tol}): the "
+                        f"engine would sample from stale or corrupted weights")
+            elif not self._unverifiable_warned:
+                self._unverifiable_warned = True
+                log.warning("weight sync check: %s reports neither fingerprints nor probe log-probs; its weights "
+                            "are not checked", report.where)
+        return checked
+
+    def _probe_ids(self, length: int = 16) -> list[int]:
+        vocab = min(len(self.tokenizer), int(getattr(getattr(self.policy, "config", None), "vocab_size", 0) or
+                                             len(self.tokenizer)))
+        return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(1234)).tolist()
+
+    def _probe_logprobs(self, ids: list[int]) -> list[float]:
+        was_training = self.policy.training
+        self.policy.eval()
+        device = next(self.policy.parameters()).device
+        batch = torch.tensor([ids], device=device)
+        logits = self.policy(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[0, :-1].float()
+        self.policy.train(was_training)
+        return logits.log_softmax(-1).gather(-1, batch[0, 1:, None]).squeeze(-1).tolist()
 
     # -- metrics ----------------------------------------------------------------------------------------
     def _rollout_metrics(self, rollouts: list[Rollout], scores: dict[str, Any], metrics: dict[str, float]

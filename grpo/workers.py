@@ -12,9 +12,10 @@ the interfaces the trainer expects on top of actor handles.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from grpo.checkpointing import StepCheckpoints
 from grpo.config import GRPOConfig
 from grpo.logprobs import sequence_logprobs
 from grpo.offload import Offloader
+from grpo.registry import Registry
 from rollout.base import Rollout, RolloutEngine, SamplingConfig, build_engine
+from rollout.loading import load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +39,8 @@ def _set_threads(threads: int | None) -> None:
 
 
 def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
-    """Loads a causal LM folder: ours (deepseek_v2/v3) with :mod:`model`, anything else with transformers."""
-    import json
-
-    torch_dtype = getattr(torch, dtype)
-    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    if model_type in ("deepseek_v2", "deepseek_v3"):
-        from model import DeepSeekForCausalLM
-
-        model = DeepSeekForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    return model.to(device)
+    """Loads a causal LM folder (see :func:`rollout.loading.load_causal_lm`)."""
+    return load_causal_lm(path, dtype, device)
 
 
 def save_policy(model: torch.nn.Module, path: str | Path, tokenizer: Any) -> None:
@@ -93,6 +84,17 @@ class RolloutGroup(RolloutEngine):
         bucket = self._ray.put([(n, t.detach().cpu()) for n, t in named_tensors])
         self._ray.get([w.update_weights.remote(bucket) for w in self.workers])
 
+    def accepted_weights(self) -> dict[str, tuple[int, ...]] | None:
+        return self._ray.get(self.workers[0].accepted_weights.remote())  # every worker loads the same folder
+
+    def weight_reports(self, names: Sequence[str], probe_ids: Sequence[int]) -> list[Any]:
+        reports = self._ray.get([w.weight_report.remote(list(names), list(probe_ids)) for w in self.workers])
+        return [dataclasses.replace(r, where=f"rollout worker {i}: {r.where}") for i, r in enumerate(reports)]
+
+    @property
+    def description(self) -> str:
+        return self._ray.get(self.workers[0].description.remote())
+
     def sleep(self) -> None:
         self._ray.get([w.sleep.remote() for w in self.workers])
 
@@ -127,6 +129,58 @@ class RemoteReference:
         self._ray.get(self.worker.update_weights.remote([(n, t.detach().cpu()) for n, t in named]))
 
 
+# ------------------------------------------------------------------------------------------------ engines
+ENGINE_BUILDERS: Registry[Callable[..., RolloutEngine]] = Registry("rollout engine builder")
+
+
+@ENGINE_BUILDERS.register("torch")
+def _torch_engine(name: str, checkpoint: str, tokenizer: Any, dtype: str, device: str) -> RolloutEngine:
+    """Our PyTorch engine over the policy's own class, in the run's dtype and on its device."""
+    return build_engine("torch", load_policy(checkpoint, dtype, device), tokenizer=tokenizer)
+
+
+@ENGINE_BUILDERS.register("*")
+def _folder_engine(name: str, checkpoint: str, tokenizer: Any, dtype: str, device: str) -> RolloutEngine:
+    """Any other registered engine (vLLM, or a dotted path ``pkg.module:Engine``) loads the folder itself."""
+    return build_engine(name, checkpoint, tokenizer=tokenizer)
+
+
+def _torch_engine_weights(checkpoint: str) -> dict[str, tuple[int, ...]]:
+    from rollout.loading import meta_causal_lm
+    from rollout.weights import expected_names
+
+    return expected_names(meta_causal_lm(checkpoint))
+
+
+def _vllm_engine_weights(checkpoint: str) -> dict[str, tuple[int, ...]]:
+    from rollout.vllm_engine import expected_weights
+
+    return expected_weights(checkpoint)
+
+
+ENGINE_WEIGHTS: Registry[Callable[[str], dict[str, tuple[int, ...]]]] = Registry("engine weight list")
+"""What an engine built from a checkpoint folder accepts in a weight update, known without building it: the
+pipeline checks a recipe's model against its stages' engines before the first phase starts."""
+ENGINE_WEIGHTS.add("torch", _torch_engine_weights)
+ENGINE_WEIGHTS.add("vllm", _vllm_engine_weights)
+
+
+def preflight_weight_sync(checkpoint: str, engine: str) -> None:
+    """Checks that the trainer's weights of ``checkpoint`` can be synced to ``engine`` (names and shapes), from
+    the checkpoint's config alone (meta-device models: no memory, no weights).
+
+    Raises:
+        KeyError / ValueError: naming the engine, the model and the first tensor it would not take.
+    """
+    if engine not in ENGINE_WEIGHTS:
+        return  # an engine given by dotted path is checked by the trainer before its first sync
+    from rollout.loading import meta_causal_lm
+    from rollout.weights import check_names, named_weights
+
+    sent = {n: tuple(t.shape) for n, t in named_weights(meta_causal_lm(checkpoint))}
+    check_names(sent, ENGINE_WEIGHTS.get(engine)(checkpoint), f"({engine} engine, {checkpoint})")
+
+
 # ------------------------------------------------------------------------------------------------ roles
 class RolloutWorker:
     """Owns a rollout engine built from a checkpoint folder."""
@@ -134,19 +188,28 @@ class RolloutWorker:
     def __init__(self, checkpoint: str, engine: str = "torch", threads: int | None = None,
                  dtype: str = "float32", device: str = "cpu") -> None:
         _set_threads(threads)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        if engine == "torch":
-            self.engine = build_engine("torch", load_policy(checkpoint, dtype, device), tokenizer=tokenizer)
-        else:
-            self.engine = build_engine(engine, checkpoint, tokenizer=tokenizer)
+        tokenizer = load_tokenizer(checkpoint)
+        self.engine_name = engine
+        self.engine = ENGINE_BUILDERS.get(engine if engine in ENGINE_BUILDERS else "*")(
+            engine, checkpoint, tokenizer, dtype, device)
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         return self.engine.generate(prompt_token_ids, sampling)
 
     def update_weights(self, named: list[tuple[str, Tensor]]) -> None:
         self.engine.update_weights(named)
+
+    def accepted_weights(self) -> dict[str, tuple[int, ...]] | None:
+        return self.engine.accepted_weights()
+
+    def weight_report(self, names: list[str], probe_ids: list[int]) -> Any:
+        return self.engine.weight_reports(names, probe_ids)[0]
+
+    def description(self) -> str:
+        return self.engine.description
+
+    def engine_class(self) -> str:
+        return type(self.engine).__name__
 
     def sleep(self) -> None:
         self.engine.sleep()
@@ -217,9 +280,7 @@ class PolicyWorker:
     def __init__(self, checkpoint: str, threads: int | None = None, dtype: str = "float32", device: str = "cpu",
                  gradient_checkpointing: bool = False) -> None:
         _set_threads(threads)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.tokenizer = load_tokenizer(checkpoint)
         self.policy = load_policy(checkpoint, dtype, device)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
@@ -255,9 +316,16 @@ class PolicyWorker:
         from grpo.trainer import GRPOTrainer
 
         ref = RemoteReference(reference_worker) if reference_worker is not None else None
-        optimizer = self.trainer.optimizer if self.trainer is not None else None
+        # every stage builds its optimizer and schedule from its own config; the previous stage's Adam moments
+        # carry over only when the stage asks for them
+        carried = None
+        if config.carry_optimizer_state and self.trainer is not None:
+            carried = self.trainer.optimizer.state_dict()
+        elif config.carry_optimizer_state:
+            log.warning("carry_optimizer_state: no earlier RL stage ran in this process (a stage launched alone, "
+                        "or the first stage), so this stage starts from fresh Adam moments")
         self.trainer = GRPOTrainer(self.policy, RolloutGroup(rollout_workers), RemoteReward(reward_worker),
-                                   self.tokenizer, config, ref_model=ref, optimizer=optimizer)
+                                   self.tokenizer, config, ref_model=ref, optimizer_state=carried)
         self.trainer.sync_weights()
 
     def rl_step(self, rows: list[dict], refill_rows: list[dict] | None = None) -> dict[str, float]:
@@ -269,6 +337,24 @@ class PolicyWorker:
             return taken
 
         return self.trainer.step(rows, refill=refill if pool else None)
+
+    def rl_evaluate(self, rows: list[dict], max_new_tokens: int, answer_mode: str) -> dict[str, float]:
+        """Greedy accuracy of the current policy on held-out ``rows`` (through the rollout engines, which hold
+        the policy's weights after every sync): ``{"eval/accuracy": ..., "eval/answer_rate": ...}``."""
+        from grpo.trainer import encode_prompt
+        from rewards.answers import extract_answer
+        from rewards.rules import AccuracyReward
+
+        engine = self.trainer.engine
+        prompt_ids = [encode_prompt(self.tokenizer, row["prompt"]) for row in rows]
+        rollouts = engine.generate(prompt_ids, SamplingConfig(n=1, max_tokens=max_new_tokens, temperature=0.0,
+                                                              logprobs=False))
+        texts = [r.text for r in rollouts]
+        scores = AccuracyReward(answer_mode)([row["prompt"] for row in rows], texts,
+                                             answer=[row.get("answer") for row in rows])
+        valid = [s for s in scores if s is not None]
+        return {"eval/accuracy": sum(valid) / max(1, len(valid)),
+                "eval/answer_rate": sum(extract_answer(t, answer_mode) is not None for t in texts) / len(texts)}
 
     def save_rl_state(self, state_dir: str, step: int, extra: dict[str, Any]) -> str:
         state = self.trainer.state_dict()

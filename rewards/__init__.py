@@ -25,7 +25,7 @@ from rewards.protocol import (
 )
 from rewards.registry import REWARDS, get_reward, register_reward, reward_factory
 from rewards.remote import RemoteReward, RemoteRewardConfig
-from rewards.rules import OverlongReward, accuracy, format_reward
+from rewards.rules import AccuracyReward, OverlongReward, accuracy, format_reward
 from rewards.sandbox import Sandbox, SandboxConfig, SandboxResult
 
 _LAZY = {
@@ -44,7 +44,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "COMBINE_MODES", "REWARDS", "CodeExecReward", "LanguageConsistencyReward", "OverlongReward", "RemoteReward",
+    "COMBINE_MODES", "REWARDS", "AccuracyReward", "CodeExecReward", "LanguageConsistencyReward", "OverlongReward",
+    "RemoteReward",
     "RemoteRewardConfig", "RewardError", "RewardFn", "RewardOutput", "RewardSpec", "Sandbox", "SandboxConfig",
     "SandboxResult", "StepRewards", "WeightedReward", "accuracy", "call_reward", "combine", "completion_text",
     "completion_texts", "extract_code", "format_reward", "get_reward", "register_reward", "reward_factory",

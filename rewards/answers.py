@@ -9,7 +9,15 @@ Extraction (:func:`extract_answer`) tries, in order, and takes the first that ma
 4. a bare number: the whole text (stripped, an optional trailing period removed) is an integer, a decimal, a
    fraction ``a/b`` or uses thousands separators (``1,234``), as in the arithmetic toy task.
 
-Anything else has no extractable answer (``None``). Equivalence (:func:`answers_match`) first compares exact
+Anything else has no extractable answer (``None``) in the default ``strict`` mode, which is the R1 format's
+contract: a model is rewarded for putting its answer where the format says. The ``lenient`` mode (for real models
+answering in free text: "80 + 79 = 159", "The answer is 159.") tries the strict rules first, then:
+
+5. a stated answer: the last "the (final) answer is X", "answer: X" or "answer = X";
+6. math-verify's own extraction over the whole text (the last LaTeX or plain expression it can parse, which
+   covers "... = 159" and "so 3/4 of them");
+7. the last number in the text.
+ Equivalence (:func:`answers_match`) first compares exact
 numbers (``Fraction``: ``0.5 == 1/2``), then asks ``math-verify`` (LaTeX and expressions:
 ``\\frac{3}{4} == 0.75``, ``2\\sqrt{2} == \\sqrt{8}``). math-verify guards its parsing with ``SIGALRM`` timeouts,
 which only work in the main thread; elsewhere they are disabled.
@@ -49,13 +57,68 @@ def _bare_number(text: str) -> str | None:
     return candidate if candidate and _NUMBER.fullmatch(candidate) else None
 
 
-def extract_answer(text: str) -> str | None:
+ANSWER_MODES = ("strict", "lenient")
+_STATED = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(?P<answer>[^\n]*)", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.(?!\d)|[;!?,]\s|\n")
+
+
+def check_answer_mode(mode: str) -> str:
+    """Returns ``mode`` if it is one of :data:`ANSWER_MODES`, else raises a ``ValueError`` naming them."""
+    if mode not in ANSWER_MODES:
+        raise ValueError(f"answer mode must be one of {list(ANSWER_MODES)}, got {mode!r}")
+    return mode
+
+
+def extract_answer(text: str, mode: str = "strict") -> str | None:
     """Extracts the final answer of a completion (see the module docstring for the order), or ``None``.
+
+    Args:
+        text: The completion.
+        mode: ``strict`` (tags, ``\\boxed{}``, ``####``, a bare number) or ``lenient`` (also an answer in free text).
 
     Example:
         >>> extract_answer("<think>2+2</think><answer>\\\\boxed{4}</answer>"), extract_answer("#### 1,000")
         ('4', '1,000')
+        >>> extract_answer("80 + 79 = 159"), extract_answer("80 + 79 = 159", mode="lenient")
+        (None, '159')
     """
+    check_answer_mode(mode)
+    answer = _extract_strict(text)
+    if answer is not None or mode == "strict":
+        return answer
+    return _extract_lenient(text)
+
+
+def _extract_lenient(text: str) -> str | None:
+    stated = list(_STATED.finditer(text))
+    if stated:
+        tail = stated[-1]["answer"].strip()
+        end = _SENTENCE_END.search(tail)
+        candidate = (tail[:end.start()] if end else tail).strip().strip("$*").strip()
+        number = _NUMBER.match(candidate)
+        if number and (number.end() == len(candidate) or candidate[number.end()] == " "):
+            return number.group(0).strip()  # "3/4 of the pie": the number, not the words after it
+        if candidate:
+            return candidate
+    parsed = _math_verify_extract(text)
+    if parsed is not None:
+        return parsed
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].strip() if numbers else None
+
+
+def _math_verify_extract(text: str) -> str | None:
+    from math_verify import parse
+
+    timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    try:
+        parsed = parse(text, parsing_timeout=timeout)
+    except Exception:  # noqa: BLE001 - an unparsable text has no answer, whatever math-verify raises
+        return None
+    return str(parsed[1]).strip() or None if len(parsed) > 1 else None
+
+
+def _extract_strict(text: str) -> str | None:
     blocks = _ANSWER_BLOCK.findall(text)
     if blocks:
         block = blocks[-1]

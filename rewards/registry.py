@@ -29,7 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 REWARDS: Registry[Any] = Registry("reward")
 
 _BUILTINS = {
-    "accuracy": "rewards.rules:accuracy",
+    "accuracy": "rewards.rules:AccuracyReward",
     "format": "rewards.rules:format_reward",
     "overlong": "rewards.rules:OverlongReward",
     "language_consistency": "rewards.language:LanguageConsistencyReward",

@@ -1,4 +1,5 @@
-"""Rule-based rewards: ``accuracy``, ``format`` and ``overlong`` (DAPO's soft length penalty).
+"""Rule-based rewards: ``accuracy`` (strict or lenient answer checking), ``format`` and ``overlong`` (DAPO's soft
+length penalty).
 
 Each follows the reward protocol ``f(prompts, completions, **columns) -> list[float | None]``; completions may be
 strings or chat-message lists.
@@ -11,38 +12,57 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.answers import answers_match, extract_answer, gold_answer
+from rewards.answers import answers_match, check_answer_mode, extract_answer, gold_answer
 from rewards.protocol import column_value, completion_texts
 
 
-def accuracy(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+@dataclass(frozen=True)
+class AccuracyReward:
     """1.0 when the completion's final answer equals the ``answer`` column, else 0.0.
 
-    The answer is extracted from ``<answer>`` tags, ``\\boxed{}``, GSM8K's ``#### n`` or a bare number (see
-    :mod:`rewards.answers`) and compared up to mathematical equivalence (``\\boxed{3/4}`` matches ``0.75``). A
-    completion without an extractable answer scores 0.0. A row whose ``answer`` is ``None`` or empty (a prompt
-    with nothing to check, e.g. a chat request mixed into a math dataset) scores ``None``: no opinion, so the
-    other rewards decide (see :mod:`rewards.combine`).
+    The answer is extracted as :func:`rewards.answers.extract_answer` does in ``mode``: ``strict`` (the R1
+    format: ``<answer>`` tags, ``\\boxed{}``, GSM8K's ``#### n`` or a reply that is only a number) or ``lenient``
+    (also an answer stated in free text: "the answer is 159", "80 + 79 = 159", a last number), and compared up to
+    mathematical equivalence (``\\boxed{3/4}`` matches ``0.75``). A completion without an extractable answer
+    scores 0.0. A row whose ``answer`` is ``None`` or empty (a prompt with nothing to check, e.g. a chat request
+    mixed into a math dataset) scores ``None``: no opinion, so the other rewards decide (see
+    :mod:`rewards.combine`). In a recipe: ``{name: accuracy, kwargs: {mode: lenient}}``.
 
     Example:
         >>> accuracy(["q", "q", "q"], ["<answer>\\\\frac{1}{2}</answer>", "no idea", "hi"],
         ...          answer=["0.5", "0.5", None])
         [1.0, 0.0, None]
+        >>> AccuracyReward("lenient")(["q"], ["80 + 79 = 159"], answer=["159"])
+        [1.0]
 
     Raises:
         KeyError: without an ``answer`` column.
     """
-    texts = completion_texts(completions)
-    scores: list[float | None] = []
-    for i, text in enumerate(texts):
-        reference = column_value(columns, "answer", i, len(texts))
-        if reference is None or str(reference).strip() == "":
-            scores.append(None)
-            continue
-        gold = gold_answer(reference)
-        predicted = extract_answer(text)
-        scores.append(1.0 if predicted is not None and answers_match(predicted, gold) else 0.0)
-    return scores
+
+    mode: str = "strict"
+
+    def __post_init__(self) -> None:
+        check_answer_mode(self.mode)
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+        texts = completion_texts(completions)
+        scores: list[float | None] = []
+        for i, text in enumerate(texts):
+            reference = column_value(columns, "answer", i, len(texts))
+            if reference is None or str(reference).strip() == "":
+                scores.append(None)
+                continue
+            predicted = extract_answer(text, self.mode)
+            scores.append(1.0 if predicted is not None and answers_match(predicted, gold_answer(reference)) else 0.0)
+        return scores
+
+    @property
+    def __name__(self) -> str:
+        return "accuracy"
+
+
+accuracy = AccuracyReward()
+"""The strict ``accuracy`` reward (see :class:`AccuracyReward`)."""
 
 
 _FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)

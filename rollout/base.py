@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from grpo.registry import Registry
+from grpo.registry import Registry, import_dotted
 
 FinishReason = Literal["stop", "length"]
 
@@ -117,6 +117,33 @@ class RolloutEngine(abc.ABC):
         After the call the engine must sample exactly as a fresh engine built from the same weights would.
         """
 
+    def accepted_weights(self) -> dict[str, tuple[int, ...]] | None:
+        """Every (HF name, shape) :meth:`update_weights` accepts, or None when the engine cannot list them.
+
+        The trainer checks the names it will send against this before its first sync, so a model the engine
+        cannot take fails at once with the name, not after minutes of work.
+        """
+        return None
+
+    def weight_fingerprints(self, names: Sequence[str]) -> dict[str, Any] | None:
+        """Fingerprints (:class:`rollout.weights.Fingerprint`) of the tensors the engine holds under ``names``,
+        computed from its own weights; None when the engine cannot (the trainer then probes log-probs)."""
+        return None
+
+    def probe_logprobs(self, token_ids: Sequence[int]) -> list[float] | None:
+        """Log-probs (temperature 1) of ``token_ids[1:]`` given their prefixes under the engine's weights, or None
+        when the engine cannot compute them. The stale-weight guard compares them with the trainer's."""
+        return None
+
+    def weight_reports(self, names: Sequence[str], probe_ids: Sequence[int]) -> list[Any]:
+        """One :class:`rollout.weights.WeightReport` per replica of the engine (one here; a group of rollout
+        workers gives one per worker): fingerprints of ``names``, else log-probs of ``probe_ids``."""
+        from rollout.weights import WeightReport
+
+        fingerprints = self.weight_fingerprints(names)
+        probe = self.probe_logprobs(probe_ids) if fingerprints is None else None
+        return [WeightReport(self.description, fingerprints, probe)]
+
     def sleep(self) -> None:  # noqa: B027 - optional hook with a sensible default
         """Frees the engine's memory (KV cache, and weights where the backend can) until :meth:`wake_up`."""
 
@@ -126,6 +153,11 @@ class RolloutEngine(abc.ABC):
     @property
     def is_sleeping(self) -> bool:
         return False
+
+    @property
+    def description(self) -> str:
+        """The engine and its model, for messages."""
+        return type(self).__name__
 
 
 ENGINES: Registry[str] = Registry("rollout engine")
@@ -137,12 +169,15 @@ def build_engine(name: str, model_or_path: Any, **kwargs: Any) -> RolloutEngine:
     """Builds a registered engine.
 
     Args:
-        name: ``"torch"``, ``"vllm"`` or another registered name.
+        name: ``"torch"``, ``"vllm"``, another registered name, or a dotted path ``"pkg.module:EngineClass"``.
         model_or_path: A model object (torch engine) or a Hugging Face checkpoint folder.
         **kwargs: Backend options (tokenizer, device, dtype, ...).
 
     Raises:
         KeyError: for an unknown engine name, listing the known ones.
     """
-    engine_cls = ENGINES.get(name)
+    if name not in ENGINES and ":" in name:
+        engine_cls = import_dotted(name)
+    else:
+        engine_cls = ENGINES.get(name)
     return engine_cls(model_or_path, **kwargs)

@@ -39,13 +39,18 @@ class _HFBackend:
     """Any transformers causal LM, decoding through its ``DynamicCache``."""
 
     def __init__(self, model: nn.Module) -> None:
+        import inspect
+
         self.model = model
         self.cache: Any = None
+        # transformers 5 names the cache argument ``cache`` (``past_key_values`` is deprecated); older ones
+        # know only ``past_key_values``
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def _forward(self, input_ids, attention_mask, position_ids):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
+        self.cache = out.cache if "cache" in getattr(out, "__dataclass_fields__", {}) else out.past_key_values
         return out.logits[:, -1, :]  # [B, V]
 
     def prefill(self, input_ids, attention_mask, position_ids):
@@ -119,8 +124,10 @@ class TorchEngine(RolloutEngine):
 
     Args:
         model: A model object, or a checkpoint folder (ours is loaded with :mod:`model`, others with
-            ``AutoModelForCausalLM``).
-        tokenizer: Used to decode texts, to find eos/pad ids and for stop strings; optional.
+            ``AutoModelForCausalLM``; see :mod:`rollout.loading`).
+        tokenizer: Used to decode texts, to find eos/pad ids and for stop strings; optional. A folder's own
+            tokenizer files are used when there are any; without a tokenizer the engine works on token ids only
+            (``Rollout.text`` is empty, stop strings are refused).
         device: Where to run; defaults to the model's device.
         dtype: Optional dtype to cast the model to.
     """
@@ -225,24 +232,58 @@ class TorchEngine(RolloutEngine):
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
     # -- weights and memory -----------------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Every name the engine's model accepts (shared tensors under each of their names) -> its tensor."""
+        named = getattr(self.model, "named_hf_weights", None)
+        if named is not None:
+            return dict(named())
+        out = dict(self.model.named_parameters(remove_duplicate=False))
+        out.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        return out
+
+    def accepted_weights(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self._tensors().items()}
+
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies (HF name, tensor) pairs into the engine's model in place; unknown names are an error."""
+        """Copies (HF name, tensor) pairs into the engine's model in place (casting to the engine's dtype).
+
+        Every name and shape of the call is checked before anything is copied, so a bad tensor leaves the
+        engine's weights as they were.
+
+        Raises:
+            KeyError: for a name the model does not have (naming the model); ValueError: for a shape mismatch.
+        """
         if self._sleeping:
             raise RuntimeError("the engine is asleep: call wake_up() before update_weights()")
-        loader = getattr(self.model, "load_hf_weights", None)
-        if loader is not None:
-            loader(named_tensors)
-            return
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
-        for name, tensor in named_tensors:
-            if name not in params:
-                raise KeyError(f"update_weights: the engine's model has no parameter {name!r}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"update_weights: {name!r} expects shape {tuple(params[name].shape)}, "
-                                 f"got {tuple(tensor.shape)}")
-            params[name].copy_(tensor)
+        from rollout.weights import check_names
+
+        named = list(named_tensors)
+        tensors = self._tensors()
+        check_names({n: tuple(t.shape) for n, t in named}, {n: tuple(t.shape) for n, t in tensors.items()},
+                    self.description)
+        for name, tensor in named:
+            tensors[name].copy_(tensor)
+
+    def weight_fingerprints(self, names: Sequence[str]) -> dict[str, Any]:
+        """Fingerprints (:func:`rollout.weights.fingerprint`) of the tensors the model holds under ``names``."""
+        from rollout.weights import fingerprint
+
+        tensors = self._tensors()
+        return {name: fingerprint(tensors[name]) for name in names if name in tensors}
+
+    @torch.inference_mode()
+    def probe_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        """Log-probs (temperature 1) of ``token_ids[1:]`` under the engine's model, one forward pass."""
+        ids = torch.as_tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1].float()  # [L-1, V]
+        return logits.log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
+
+    @property
+    def description(self) -> str:
+        """The engine's model for messages: its class and where it was loaded from."""
+        source = getattr(getattr(self.model, "config", None), "_name_or_path", "") or ""
+        return f"TorchEngine[{type(self.model).__name__}" + (f" from {source}]" if source else "]")
 
     def sleep(self) -> None:
         """Frees the engine's weights until :meth:`wake_up`: to CPU memory on an accelerator, to a scratch
@@ -272,18 +313,11 @@ class TorchEngine(RolloutEngine):
 
 
 def _load(path: str, tokenizer: Any) -> tuple[nn.Module, Any]:
-    import json
-    from pathlib import Path
+    """The model of a checkpoint folder, and its tokenizer when none is given and the folder has one (without
+    tokenizer files the engine works on token ids only)."""
+    from rollout.loading import load_causal_lm, load_tokenizer
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    if cfg.get("model_type") in ("deepseek_v2", "deepseek_v3"):
-        from model import DeepSeekForCausalLM
-
-        model = DeepSeekForCausalLM.from_pretrained(path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_causal_lm(path, dtype=None)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path, required=False)
     return model, tokenizer

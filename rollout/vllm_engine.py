@@ -46,17 +46,12 @@ from typing import Any
 import torch
 
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
+from rollout.loading import has_tokenizer
+from rollout.weights import layer_key
 
 logger = logging.getLogger(__name__)
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
-
-
 def checkpoint_tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor stored in a Hugging Face folder's safetensors files."""
     from safetensors import safe_open
@@ -72,10 +67,11 @@ def checkpoint_tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, 
     return shapes
 
 
-def layer_key(name: str) -> str:
-    """The unit vLLM processes a weight with: its decoder layer (``model.layers.3``), else the tensor itself."""
-    match = _LAYER_RE.match(name)
-    return f"model.layers.{match.group(1)}" if match else name
+def expected_weights(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The tensors a weight update of an engine built from ``folder`` takes: the checkpoint's decoder tensors
+    (the multi-token-prediction layers past ``num_hidden_layers``, which vLLM's decoder skips, left out)."""
+    num_layers = int(json.loads((Path(folder) / "config.json").read_text())["num_hidden_layers"])
+    return {n: s for n, s in checkpoint_tensor_shapes(folder).items() if _is_decoder_tensor(n, num_layers)}
 
 
 class WeightStream:
@@ -194,9 +190,7 @@ class VLLMEngine(RolloutEngine):
         self._tmp = tempfile.TemporaryDirectory(prefix="grpo-vllm-")
         self.path = self._checkpoint_folder(model_or_path, tokenizer)
         self.tokenizer, vllm_tokenizer = self._tokenizers(tokenizer)
-        self._expected = checkpoint_tensor_shapes(self.path)
-        self._num_layers = int(json.loads((self.path / "config.json").read_text())["num_hidden_layers"])
-        self._expected = {n: s for n, s in self._expected.items() if _is_decoder_tensor(n, self._num_layers)}
+        self._expected = expected_weights(self.path)
         self._sleep_level = int(engine_kwargs.pop("sleep_level", 1))
         if self._sleep_level not in (1, 2):
             raise ValueError(f"sleep_level: expected 1 or 2, got {self._sleep_level!r}")
@@ -222,7 +216,7 @@ class VLLMEngine(RolloutEngine):
     def _tokenizers(self, tokenizer: Any) -> tuple[Any, str | None]:
         """Our decoding tokenizer (or None) and the tokenizer folder vLLM loads (or None: no tokenizer)."""
         if tokenizer is None:
-            if not _has_tokenizer(self.path):
+            if not has_tokenizer(self.path):
                 return None, None
             from transformers import AutoTokenizer
 
@@ -231,7 +225,7 @@ class VLLMEngine(RolloutEngine):
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(str(tokenizer)), str(tokenizer)
-        if _has_tokenizer(self.path):
+        if has_tokenizer(self.path):
             return tokenizer, str(self.path)
         folder = Path(self._tmp.name) / "tokenizer"
         tokenizer.save_pretrained(str(folder))
@@ -367,6 +361,31 @@ class VLLMEngine(RolloutEngine):
             self._llm.reset_prefix_cache()
         logger.info("vLLM engine: loaded %d tensors (%d CPU MoE layers re-packed)", len(stream.loaded),
                     self.repacked_moe_layers)
+
+    def accepted_weights(self) -> dict[str, tuple[int, ...]]:
+        """The decoder tensors of the engine's checkpoint: what :meth:`update_weights` takes."""
+        return dict(self._expected)
+
+    def probe_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        """vLLM's prompt log-probs (``log_softmax(logits)``) of ``token_ids[1:]``, for the stale-weight guard.
+
+        vLLM fuses and re-packs weights as it loads them (``qkv_proj``, ``gate_up_proj``, the MoE experts, CPU
+        GEMM layouts), so the tensors it holds are not the Hugging Face tensors it was sent and cannot be
+        fingerprinted one by one; the trainer compares these log-probs with its own instead.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self._sleeping:
+            raise RuntimeError("the engine is asleep: call wake_up() before probe_logprobs()")
+        ids = [int(t) for t in token_ids]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        out = self._llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        return [float(out.prompt_logprobs[j][t].logprob) for j, t in enumerate(ids) if j > 0]
+
+    @property
+    def description(self) -> str:
+        return f"VLLMEngine[{self.path}]"
 
     def sleep(self) -> None:
         """Frees the KV cache and offloads the weights (sleep level 1) where vLLM has sleep mode; else logs."""

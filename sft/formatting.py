@@ -1,6 +1,6 @@
 """Render conversations through a tokenizer's chat template and mask everything but the assistant's tokens.
 
-Two ways to find the assistant's tokens, picked per template:
+Three ways to find the assistant's tokens, picked per tokenizer and template:
 
 * ``generation``: the template marks assistant text with ``{% generation %}`` blocks; transformers returns the
   mask (``return_assistant_tokens_mask``). Whatever the template puts inside the block is learned.
@@ -11,6 +11,10 @@ Two ways to find the assistant's tokens, picked per template:
   be a token prefix of the next and of the whole conversation; when it is not (a template that rewrites
   earlier turns, or a tokenizer that merges across the boundary) a :class:`FormattingError` says so instead of
   guessing.
+* ``plain`` (a tokenizer without a chat template, e.g. a base model's): a prompt/completion pair is the prompt's
+  tokens (``tokenizer(prompt)``, special tokens included, exactly what :func:`grpo.trainer.encode_prompt` sends
+  the engine at RL time) followed by the completion's tokens, which are labelled. Only one user turn followed by
+  one assistant turn can be written this way; anything else needs a chat template.
 
 The eos after the final assistant turn is labelled: the template's own when it writes one right after the
 turn, else one appended when the turn ends the sequence (unless ``add_eos=False``), so a trained model learns
@@ -75,10 +79,11 @@ def row_to_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
     return to_messages(row["prompt"], "user") + to_messages(row["completion"], "assistant")
 
 
-def _template(tokenizer: Any, chat_template: str | None) -> str:
+def _template(tokenizer: Any, chat_template: str | None) -> str | None:
+    """The template to render with; None (plain text) when the tokenizer has none."""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
-        raise FormattingError("the tokenizer has no chat_template; set tokenizer.chat_template or pass chat_template")
+        return None
     if not isinstance(template, str):
         raise FormattingError("the tokenizer has several named chat templates; pass chat_template= to pick one")
     return template
@@ -138,9 +143,26 @@ MASKERS.add("diff", _mask_by_diff)
 MASKERS.add("generation", _mask_by_generation_blocks)
 
 
-def mask_method(template: str) -> str:
-    """``"generation"`` when the template has ``{% generation %}`` blocks, else ``"diff"``."""
+def mask_method(template: str | None) -> str:
+    """``"plain"`` without a template, ``"generation"`` when it has ``{% generation %}`` blocks, else ``"diff"``."""
+    if template is None:
+        return "plain"
     return "generation" if _GENERATION_TAG.search(template) else "diff"
+
+
+def _plain(tokenizer: Any, messages: Sequence[Mapping[str, str]], template: str | None) -> TokenizedExample:
+    roles = [m["role"] for m in messages]
+    if roles != ["user", "assistant"]:
+        raise FormattingError(
+            f"the tokenizer has no chat_template, so a conversation is written as plain prompt + completion text, "
+            f"which needs exactly one user turn then one assistant turn; got roles {roles}. Set "
+            f"tokenizer.chat_template (or pass chat_template) for other conversations")
+    prompt = list(tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"])
+    completion = list(tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"])
+    return TokenizedExample(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
+
+
+MASKERS.add("plain", _plain)
 
 
 def _with_eos(example: TokenizedExample, eos_id: int | None) -> TokenizedExample:
@@ -179,8 +201,8 @@ def tokenize_conversation(
     """Renders and tokenises a conversation, labelling only the assistant's tokens.
 
     Args:
-        tokenizer: A transformers tokenizer with a chat template (a fast one for ``{% generation %}``
-            templates).
+        tokenizer: A transformers tokenizer, with a chat template (a fast one for ``{% generation %}`` templates)
+            or without one (plain prompt + completion, see the module docstring).
         messages: The conversation, ``[{"role": ..., "content": ...}, ...]``, with at least one assistant
             turn.
         chat_template: A template to use instead of ``tokenizer.chat_template``.
@@ -191,7 +213,8 @@ def tokenize_conversation(
         The token ids and the labels (``IGNORE_INDEX`` outside assistant turns).  # [T], [T]
 
     Raises:
-        FormattingError: with no template, no assistant turn, or when the diff method finds no clean prefix.
+        FormattingError: with no assistant turn, a conversation that plain text cannot write (no template), or
+            when the diff method finds no clean prefix.
     """
     if not any(m.get("role") == "assistant" for m in messages):
         raise FormattingError("the conversation has no assistant turn, so no token would be learned")

@@ -211,3 +211,29 @@ def test_rows_sharing_a_prompt_run_it_once_with_the_same_results(monkeypatch):
     assert_close(shared[1], plain[1], atol=1e-5, rtol=1e-5)
     for (pname, _), g, rg in zip(model.named_parameters(), shared[2], plain[2], strict=True):
         assert_close(g, rg, atol=1e-5, rtol=1e-4, msg=lambda m, pname=pname: f"{pname}: {m}")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2-tied", "llama-bias", "cohere-scale", "granite-scale"])
+def test_transformers_models_run_a_shared_prompt_once_with_the_same_results(name):
+    model = _build(name)  # eval mode: GPT-2's dropout would make any two passes differ
+    ids, mask = _batch(seed=5)
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # each prompt sampled three times
+    gen = torch.Generator().manual_seed(6)
+    ids[:, P:] = torch.randint(1, V, (9, T), generator=gen) * mask[:, P:]
+    tokens = []
+    model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: tokens.append(inp[0].numel()))
+    params = list(model.parameters())
+
+    def run(share):
+        tokens.clear()
+        logp, entropy = sequence_logprobs(model, ids, mask, T, with_entropy=True, share_prompts=share)
+        return logp, entropy, torch.autograd.grad(logp.sum() + 0.1 * entropy.sum(), params), list(tokens)
+
+    shared, plain = run(True), run(False)
+    assert shared[3] == [3 * P, 9 * (T - 1)] and plain[3] == [9 * (P + T - 1)]  # three distinct prompts, once each
+    assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
+    assert_close(shared[1], plain[1], atol=1e-5, rtol=1e-5)
+    for (pname, _), g, rg in zip(model.named_parameters(), shared[2], plain[2], strict=True):
+        assert_close(g, rg, atol=1e-5, rtol=1e-4, msg=lambda m, pname=pname: f"{pname}: {m}")
+    want_logp, _ = _reference(model, ids, mask)
+    assert_close(shared[0], want_logp, atol=1e-5, rtol=1e-5)

@@ -34,6 +34,53 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+# Completions of two kinds: a model trained on the R1 format, and an instruct model answering in free text.
+R1_STYLE = [
+    ("<think>80 + 79 = 159.</think><answer>159</answer>", "159"),
+    ("<think>2 * 3 = 6.</think><answer>\\boxed{6}</answer>", "6"),
+    ("We add them.\n#### 159", "159"),
+    ("159", "159"),
+]
+FREE_TEXT = [
+    ("80 + 79 = 159", "159"),
+    ("The answer is 159.", "159"),
+    ("To find the sum, add 80 and 79. The final answer is: 159. Let me know if you need more help!", "159"),
+    ("Answer: 3/4 of the pie", "3/4"),
+    ("First 6 * 7 = 42, then 42 + 8 = 50, so we get 50", "50"),
+    ("I get $\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("There are 12 apples and 13 pears, 25 fruits in all.", "25"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), R1_STYLE)
+def test_both_modes_read_the_r1_format_alike(text, expected):
+    assert extract_answer(text, "strict") == extract_answer(text, "lenient") == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), FREE_TEXT)
+def test_lenient_mode_finds_free_text_answers_strict_mode_does_not(text, expected):
+    assert extract_answer(text, "strict") is None
+    assert extract_answer(text, "lenient") == expected
+
+
+def test_lenient_prefers_the_format_and_stated_answers_over_later_numbers():
+    assert extract_answer("<answer>5</answer> but maybe 7", "lenient") == "5"
+    assert extract_answer("The answer is 12, since 5 + 7 = 12 and 3 more is 15", "lenient") == "12"
+    assert extract_answer("no numbers at all", "lenient") is None
+    with pytest.raises(ValueError, match="answer mode must be one of"):
+        extract_answer("1", "loose")
+
+
+def test_accuracy_reward_modes_per_reward():
+    completions = ["80 + 79 = 159", "<answer>159</answer>", "The answer is 158."]
+    answers = ["159"] * 3
+    assert get_reward("accuracy")(["q"] * 3, completions, answer=answers) == [0.0, 1.0, 0.0]
+    assert get_reward("accuracy", mode="lenient")(["q"] * 3, completions, answer=answers) == [1.0, 1.0, 0.0]
+    assert accuracy(["q"], ["80 + 79 = 159"], answer=["159"]) == [0.0]  # the module-level reward is strict
+    with pytest.raises(ValueError, match="answer mode"):
+        get_reward("accuracy", mode="loose")
+
+
 def test_last_boxed_and_gold_forms():
     assert last_boxed("\\fbox{7}") == "7"
     assert last_boxed("no box") is None

@@ -169,3 +169,17 @@ def test_safety_pairs():
         tasks.safety(3, harmful_fraction=2.0)
     assert tasks.safety(40, seed=0, arithmetic={"digits": 2}) != tasks.safety(40, seed=0)
 
+
+def test_terse_fraction_changes_only_the_completions():
+    worked = tasks.arithmetic(300, seed=2)
+    terse = tasks.arithmetic(300, seed=2, terse_fraction=1.0)
+    mixed = tasks.arithmetic(300, seed=2, terse_fraction=0.5)
+    for w, t, m in zip(worked, terse, mixed, strict=True):
+        assert w["prompt"] == t["prompt"] == m["prompt"] and w["answer"] == t["answer"] == m["answer"]
+        assert t["completion"] == f"<think></think><answer>{w['answer']}</answer>"
+        assert m["completion"] in (w["completion"], t["completion"])
+    n_terse = sum(m["completion"] == t["completion"] != w["completion"]
+                  for w, t, m in zip(worked, terse, mixed))
+    assert 110 < n_terse < 190
+    with pytest.raises(ValueError, match="terse_fraction must lie in"):
+        tasks.arithmetic(3, terse_fraction=1.5)

@@ -119,7 +119,7 @@ def our_stepper(path: str, args, breakdown: list[dict[str, float]]) -> Callable[
     n = args.G * args.prompts
     cfg = GRPOConfig(group_size=args.G, prompts_per_step=args.prompts, minibatch_size=n, micro_batch_size=n,
                      lr=1e-6, beta=args.beta, max_new_tokens=args.tokens, temperature=1.0,
-                     loss_agg="seq-mean-token-mean", max_grad_norm=1.0)
+                     loss_agg="seq-mean-token-mean", max_grad_norm=1.0, share_prompts=not args.no_share_prompts)
     trainer = GRPOTrainer(policy, engine, format_reward, tok, cfg)
     rows = [{"prompt": p} for p in prompts(args.prompts * (args.warmup + args.steps))]
 
@@ -193,6 +193,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--ours-only", action="store_true",
+                        help="time only our trainer (no TRL): the breakdown of our step, e.g. to compare settings")
+    parser.add_argument("--no-share-prompts", action="store_true",
+                        help="run every row's prompt in full in our log-prob passes (GRPOConfig.share_prompts)")
     parser.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder (default: our tiny MoE)")
     parser.add_argument("--make-model", nargs=2, metavar=("SHAPE", "DIR"), default=None,
                         help="write a random model of SHAPE (llama-135m) to DIR and exit")
@@ -211,10 +215,20 @@ def main() -> None:
         path = args.model or tmp
         if args.model is None:
             make_checkpoint(path)
-        ours, trl = run_alternating(path, args, breakdown)
+        if args.ours_only:
+            step = our_stepper(path, args, breakdown)
+            ours = [step(i) for i in range(args.warmup + args.steps)][args.warmup:]
+        else:
+            ours, trl = run_alternating(path, args, breakdown)
+    what = args.model or "tiny DeepSeek-V3-shaped MoE"
+    if args.ours_only:
+        print(f"\nOur GRPO step, {what}, G={args.G}, prompts/step={args.prompts}, {args.tokens} new tokens, "
+              f"beta={args.beta}, threads={args.threads}, share_prompts={not args.no_share_prompts}: "
+              f"{statistics.median(ours):.2f} s/step median, {min(ours):.2f} fastest")
+        print("\n".join(breakdown_table(breakdown[args.warmup:])))
+        return
     mo, mt = statistics.median(ours), statistics.median(trl)
     fo, ft = min(ours), min(trl)
-    what = args.model or "tiny DeepSeek-V3-shaped MoE"
     print(f"\nGRPO step, {what}, G={args.G}, prompts/step={args.prompts}, "
           f"{args.tokens} new tokens, beta={args.beta}, threads={args.threads}, {args.steps} timed steps")
     print("| trainer | s/step (median) | s/step (fastest) | speed-up vs TRL (median) | speed-up vs TRL (fastest) |")

@@ -52,6 +52,9 @@ class GRPOConfig:
             expert's selection bias by ±γ toward balanced load (0 = off; needs a policy with
             ``update_router_bias``).
         logprob_chunk_size: Tokens per chunk when computing log-probs without materialising all logits.
+        share_prompts: In the log-prob passes (old, reference, update), run a prompt shared by several rows (its
+            G samples) once: one pass for our models, a KV cache gathered per row for transformers models (see
+            :mod:`grpo.logprobs`). Same values up to float rounding; off runs every row in full.
         carry_optimizer_state: Start from the Adam moments of the previous RL stage of the same run (when there
             is one) instead of fresh ones; the stage's own ``lr``, ``weight_decay`` and schedule still apply.
         sync_check: After every weight sync, check that each rollout engine holds exactly the trainer's weights
@@ -94,6 +97,7 @@ class GRPOConfig:
     moe_aux_coef: float = 0.0
     moe_bias_gamma: float = 0.0
     logprob_chunk_size: int = 1024
+    share_prompts: bool = True
     carry_optimizer_state: bool = False
     sync_check: bool = True
     sync_probe_tol: float = 0.02

@@ -613,7 +613,7 @@ def _ran_value(values: Sequence[float]) -> str:
     first, last, top = values[0], values[-1], max(values)
     if all(v == first for v in values):
         return f"{first:g}"
-    return f"{first:g} .. {top:g} -> {last:g} (first, peak, last of {len(values)} steps)"
+    return f"{first:g} .. {top:g} -> {last:g} (first, peak and last of {len(values)} logged steps)"
 
 
 def ran_settings(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:

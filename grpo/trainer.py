@@ -309,7 +309,7 @@ class GRPOTrainer:
                   ) -> tuple[Tensor, Tensor | None]:
         return sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_len,
                                  chunk_size=self.config.logprob_chunk_size, with_entropy=with_entropy,
-                                 temperature=self.config.temperature or 1.0)
+                                 temperature=self.config.temperature or 1.0, share_prompts=self.config.share_prompts)
 
     def _batched_logprobs(self, model: nn.Module, batch: Trajectories) -> Tensor:
         mb = self.config.micro_batch_size
@@ -331,7 +331,8 @@ class GRPOTrainer:
             return self._batched_logprobs(self.ref_model, batch)
         return self.ref_model.logprobs(batch.input_ids, batch.attention_mask, batch.completion_len,
                                        chunk_size=self.config.logprob_chunk_size,
-                                       temperature=self.config.temperature or 1.0)
+                                       temperature=self.config.temperature or 1.0,
+                                       share_prompts=self.config.share_prompts)
 
     def _reference_logprobs(self, batch: Trajectories) -> Trajectories:
         cfg = self.config

@@ -233,10 +233,10 @@ class ReferenceWorker:
 
     @torch.no_grad()
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_len: int, *, chunk_size: int,
-                 temperature: float, micro_batch_size: int = 32) -> Tensor:
+                 temperature: float, micro_batch_size: int = 32, share_prompts: bool = True) -> Tensor:
         parts = [sequence_logprobs(self.model, input_ids[i:i + micro_batch_size],
                                    attention_mask[i:i + micro_batch_size], completion_len,
-                                   chunk_size=chunk_size, temperature=temperature)[0]
+                                   chunk_size=chunk_size, temperature=temperature, share_prompts=share_prompts)[0]
                  for i in range(0, len(input_ids), micro_batch_size)]
         return torch.cat(parts)
 

@@ -455,3 +455,18 @@ def test_recipe_settings_leave_out_phases_not_run_and_accept_a_dataclass():
 
     assert report.recipe_settings(Recipe()) == {"name": "r", "phases": "rl_reason", "rl_reason.steps": 3,
                                                 "rl_reason.grpo.group_size": 4, "rl_reason.grpo.beta": 0.04}
+
+
+def test_recipe_table_shows_the_settings_the_run_logged():
+    from grpo.report import ran_settings
+
+    records = [{"phase": "rl_reason", "step": s, "lr": 1e-3, "beta": 0.04, "temperature": 1.0, "weight_decay": 0.0}
+               for s in (1, 2)]
+    records += [{"phase": "rl_pref", "step": s, "lr": lr, "beta": 0.1, "temperature": 0.7, "weight_decay": 0.05}
+                for s, lr in ((1, 2e-4), (2, 1.5e-4), (3, 5e-5))]
+    records += [{"phase": "sft", "step": 10, "lr": 3e-3}, {"phase": "eval", "step": 1, "eval/x": 1.0}]
+    got = ran_settings(records)
+    assert got["rl_reason.grpo.lr"] == "0.001" and got["rl_reason.grpo.beta"] == "0.04"
+    assert got["rl_pref.grpo.lr"] == "0.0002 .. 0.0002 -> 5e-05 (first, peak and last of 3 logged steps)"
+    assert got["rl_pref.grpo.temperature"] == "0.7" and got["rl_pref.grpo.weight_decay"] == "0.05"
+    assert got["sft.train.lr"] == "0.003"

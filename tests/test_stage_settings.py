@@ -65,9 +65,6 @@ def check_stage_settings(run: Path) -> None:
     assert logged(run, "rl_pref", "lr") == pytest.approx(cosine)
     assert logged(run, "rl_pref", "weight_decay") == [0.05] * 3
     assert logged(run, "rl_pref", "beta") == [0.1] * 3 and logged(run, "rl_pref", "temperature") == [0.9] * 3
-    settings = json.loads((run / "report.json").read_text())["settings"] if (run / "report.json").exists() else {}
-    if settings:
-        assert settings["rl_pref.grpo.lr"].startswith("0.0002 .. 0.0002 -> 5e-05")
 
 
 @pytest.mark.slow

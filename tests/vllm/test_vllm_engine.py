@@ -280,3 +280,29 @@ def test_bad_requests_name_the_problem(engine_a, tmp_path):
         VLLMEngine(str(tmp_path))
     with pytest.raises(ValueError, match="save_pretrained"):
         VLLMEngine(object())
+
+
+def test_probe_logprobs_equal_model_forward(engine_a, model_a):
+    ids = [1, 5, 9, 11, 20, 33, 7]
+    ref, _ = forward_logprobs(model_a, ids[:1], ids[1:])
+    torch.testing.assert_close(torch.tensor(engine_a.probe_logprobs(ids)), ref, atol=ATOL, rtol=0)
+    assert engine_a.weight_fingerprints(["model.norm.weight"]) is None  # fused weights: probed instead
+    assert set(engine_a.accepted_weights()) == {n for n, _ in model_a.named_hf_weights()}
+
+
+def test_the_stale_weight_guard_checks_a_vllm_engine_by_probe(engine_a, model_a, model_b, tok):
+    import copy
+
+    from grpo.config import GRPOConfig
+    from grpo.trainer import GRPOTrainer
+    from rollout.weights import StaleWeightsError
+
+    cfg = GRPOConfig(group_size=2, prompts_per_step=1, minibatch_size=2, micro_batch_size=2, beta=0.0,
+                     sync_probe_tol=1e-3)
+    trainer = GRPOTrainer(copy.deepcopy(model_a), engine_a, lambda p, c, **k: [0.0] * len(c), tok, cfg)
+    metrics = {}
+    trainer.sync_weights(metrics=metrics)  # the engine already holds A: the probe agrees
+    assert "time/sync_check" in metrics and metrics["sync/checked_tensors"] == 0
+    stale = GRPOTrainer(copy.deepcopy(model_b), engine_a, lambda p, c, **k: [0.0] * len(c), tok, cfg)
+    with pytest.raises(StaleWeightsError, match="log-probs of the probe sequence that differ"):
+        stale.check_sync(dict(stale.policy.named_hf_weights()))  # B's weights were never sent

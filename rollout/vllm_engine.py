@@ -29,7 +29,9 @@ How it maps our contract onto vLLM (checked against vLLM 0.32, CPU and GPU code 
   when there is more than one head (DeepSeek's MLA passes exactly that), so on the CPU the engine disables that
   custom op (``compilation_config.custom_ops += ["-rotary_embedding"]``) and vLLM uses its PyTorch rotary; it
   also runs eager by default there (compiling costs about a minute of start-up on two cores). vLLM's CPU MLA
-  kernel needs ``kv_lora_rank + qk_rope_head_dim == 576`` (or ``VLLM_MLA_DISABLE=1``).
+  kernel needs ``kv_lora_rank + qk_rope_head_dim == 576`` (or ``VLLM_MLA_DISABLE=1``). On CPUs with AMX tiles
+  vLLM prefers its AMX MLA backend, which packs bfloat16 weights only (and head widths in multiples of 32): an
+  MLA model in any other dtype gets the reference ``CPU_MLA`` backend unless ``attention_backend`` is given.
 """
 
 from __future__ import annotations
@@ -251,10 +253,16 @@ class VLLMEngine(RolloutEngine):
         kwargs.update(engine_kwargs)
         if current_platform.is_cpu():
             kwargs["compilation_config"] = _without_cpu_rotary_kernel(kwargs.get("compilation_config"))
+            if self._uses_mla() and _not_bf16(kwargs.get("dtype")) and not (
+                    "attention_backend" in kwargs or "attention_config" in kwargs):
+                kwargs["attention_backend"] = "CPU_MLA"  # AMX MLA packs bf16 weights only (see the docstring)
         if kwargs["logprobs_mode"] != "processed_logprobs":
             raise ValueError(f"logprobs_mode: the engine needs 'processed_logprobs', got {kwargs['logprobs_mode']!r}")
         self.vllm_tokenizer = vllm_tokenizer
         return LLM(**kwargs)
+
+    def _uses_mla(self) -> bool:
+        return "kv_lora_rank" in json.loads((self.path / "config.json").read_text())
 
     # -- generation -------------------------------------------------------------------------------------------
     def _stop_ids(self, sampling: SamplingConfig) -> list[int]:
@@ -427,6 +435,12 @@ def _is_decoder_tensor(name: str, num_layers: int) -> bool:
     """False for the multi-token-prediction layers ``model.layers.{L+k}`` that vLLM's decoder skips."""
     match = _LAYER_RE.match(name)
     return match is None or int(match.group(1)) < num_layers
+
+
+def _not_bf16(dtype: Any) -> bool:
+    """Whether an engine ``dtype`` setting asks for something other than bfloat16 (``auto`` and None: the
+    checkpoint's dtype, which is float32 for ours)."""
+    return str(dtype).removeprefix("torch.") not in ("bfloat16", "bf16")
 
 
 def _without_cpu_rotary_kernel(compilation_config: Any) -> Any:

@@ -108,8 +108,9 @@ def fingerprint(tensor: Tensor, dtype: torch.dtype | str | None = None) -> Finge
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or tensor.dtype
-    values = tensor.detach().to(dtype).double()
-    return Fingerprint(dtype_name(dtype), values.numel(), float(values.sum()), float(values.square().sum()))
+    values = tensor.detach().to(dtype)  # no copy when it already has the dtype
+    norm = float(torch.linalg.vector_norm(values, dtype=torch.float64))  # accumulated in float64, no float64 copy
+    return Fingerprint(dtype_name(dtype), values.numel(), float(values.sum(dtype=torch.float64)), norm * norm)
 
 
 def fingerprints(named: Iterable[tuple[str, Tensor]]) -> dict[str, Fingerprint]:

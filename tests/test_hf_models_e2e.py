@@ -67,3 +67,17 @@ def test_hf_grpo_runs_sft_rl_and_eval_on_real_model_shapes(tmp_path, build):
     report = json.loads((run / "report.json").read_text())
     assert list(report["phases"]) == ["base", "sft", "rl_reason"]
     assert report["settings"]["rl_reason.grpo.lr"] == "0.001"
+
+
+@pytest.mark.slow
+def test_a_corrupted_engine_weight_stops_the_run_naming_it(tmp_path):
+    model = llama_folder(tmp_path / "model")
+    args = [*overrides(tmp_path / "runs", model), "phases=[rl_reason]",
+            "rl_reason.engine=tests.test_weight_sync:CorruptingEngine"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "grpo.cli", "run", "hf_grpo", *args], env=env, cwd=ROOT,
+                          timeout=900, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert ("holds a different 'model.layers.1.mlp.down_proj.weight' than the trainer sent" in proc.stderr
+            and "rollout worker 0" in proc.stderr), proc.stderr[-4000:]
+    assert not (tmp_path / "runs" / "hf" / "checkpoints" / "rl_reason").exists()

@@ -20,33 +20,23 @@ from rollout.weights import (
     layer_key,
     named_weights,
 )
+from tests.test_grpo_trainer import count_target
 from tests.tiny import EOS, PAD, VOCAB, word_tokenizer
 
 ROWS = [{"prompt": f"t{3 + i} t{9 + i}", "parity": i % 2} for i in range(4)]
-
-
-def parity_reward(prompts, completions, parity, **_):
-    out = []
-    for text, want in zip(completions, parity):
-        words = [w for w in text.split() if w.startswith("t")]
-        out.append(sum(int(w[1:]) % 2 == want for w in words) / max(1, len(words)))
-    return out
+SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=64)
 
 
 def tied_llama(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=EOS, pad_token_id=PAD,
-                      max_position_embeddings=64, tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(LlamaConfig(**SIZES, tie_word_embeddings=True))
 
 
 def qwen2(seed=0):
+    """Qwen2: biases on the q, k and v projections."""
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=EOS, pad_token_id=PAD,
-                      max_position_embeddings=64, tie_word_embeddings=False)
-    return Qwen2ForCausalLM(cfg)
+    return Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=False))
 
 
 def trainer_for(policy, engine=None, **overrides):
@@ -55,7 +45,7 @@ def trainer_for(policy, engine=None, **overrides):
     cfg.update(overrides)
     tokenizer = word_tokenizer()
     engine = engine or TorchEngine(copy.deepcopy(policy).eval(), tokenizer=tokenizer)
-    return GRPOTrainer(policy.train(), engine, parity_reward, tokenizer, GRPOConfig(**cfg))
+    return GRPOTrainer(policy.train(), engine, count_target, tokenizer, GRPOConfig(**cfg))
 
 
 def test_tied_embeddings_are_sent_once_and_accepted_under_both_names():

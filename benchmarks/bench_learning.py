@@ -6,7 +6,8 @@ stage-1 checkpoints on the held-out set (8 samples per prompt at stage 1's tempe
 report and metrics:
 
 * SFT accuracy and pass@8; stage-1 accuracy, its gain over SFT and pass@8 (held-out greedy accuracy, points);
-* the stage-1 reward curve: the mean training reward of the first and last 20 steps and their difference;
+* the stage-1 reward curve: the mean training reward of the first and last 20 steps, their difference, and the
+  least-squares slope of the reward per 100 steps;
 * stage 2: the change of the preference reward over sampled completions, and the alignment tax (accuracy points
   lost from stage 1 to stage 2; negative is a gain);
 * wall time of the whole run.
@@ -69,14 +70,16 @@ def pass_at_8(run: Path, phase: str, temperature: float, answer_mode: str, data:
     return evaluate_checkpoint(str(folder), None, rows, config, rewards={}).pass_at_k[8]
 
 
-def reward_curve(run: Path) -> tuple[float | None, float | None]:
-    """Mean stage-1 training reward of the first and of the last 20 steps."""
+def reward_curve(run: Path) -> tuple[float | None, float | None, float | None]:
+    """Mean stage-1 training reward of the first and of the last 20 steps, and the least-squares slope of the
+    reward per 100 steps."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward/mean"] for r in records if r["phase"] == "rl_reason" and r.get("reward/mean") is not None]
     if len(rewards) < 2:
-        return None, None
+        return None, None, None
     k = min(20, len(rewards) // 2)
-    return statistics.mean(rewards[:k]), statistics.mean(rewards[-k:])
+    slope = statistics.linear_regression(range(len(rewards)), rewards).slope
+    return statistics.mean(rewards[:k]), statistics.mean(rewards[-k:]), 100 * slope
 
 
 def measure(run: Path, wall: float, recipe: Any) -> dict[str, Any]:
@@ -84,7 +87,7 @@ def measure(run: Path, wall: float, recipe: Any) -> dict[str, Any]:
     phases = report["phases"]
     acc = {p: 100 * phases[p]["accuracy"] for p in phases if phases[p].get("accuracy") is not None}
     stage2 = (report["deltas"].get("stage2_reward_change") or {}).get("values") or {}
-    first, last = reward_curve(run)
+    first, last, slope = reward_curve(run)
     temperature = recipe.rl_reason.grpo.temperature
     return {
         "sft_acc": acc.get("sft"), "rl_acc": acc.get("rl_reason"), "pref_acc": acc.get("rl_pref"),
@@ -92,7 +95,7 @@ def measure(run: Path, wall: float, recipe: Any) -> dict[str, Any]:
         "sft_pass8": pass_at_8(run, "sft", temperature, recipe.eval.answer_mode, recipe.eval.data),
         "rl_pass8": pass_at_8(run, "rl_reason", temperature, recipe.eval.answer_mode, recipe.eval.data),
         "reward_first": first, "reward_last": last,
-        "reward_rise": None if first is None else last - first,
+        "reward_rise": None if first is None else last - first, "reward_slope": slope,
         "pref_change": stage2.get("preference (sampled)"),
         "tax": report.get("alignment_tax"), "wall_min": wall / 60,
     }
@@ -104,7 +107,7 @@ def _f(value: float | None, spec: str) -> str:
 
 def table(results: dict[int, dict[str, Any]]) -> str:
     head = ("| seed | SFT acc | SFT pass@8 | stage-1 acc | stage-1 gain | stage-1 pass@8 | reward first 20 -> last 20 "
-            "| stage-2 preference change (sampled) | alignment tax | wall time |")
+            "| reward slope / 100 steps | stage-2 preference change (sampled) | alignment tax | wall time |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     pct = lambda v: None if v is None else 100 * v  # noqa: E731
     for seed, m in results.items():
@@ -112,6 +115,7 @@ def table(results: dict[int, dict[str, Any]]) -> str:
             f"| {seed} | {_f(m['sft_acc'], '.1f')}% | {_f(pct(m['sft_pass8']), '.1f')}% "
             f"| {_f(m['rl_acc'], '.1f')}% | {_f(m['gain'], '+.1f')} | {_f(pct(m['rl_pass8']), '.1f')}% "
             f"| {_f(m['reward_first'], '.3f')} -> {_f(m['reward_last'], '.3f')} ({_f(m['reward_rise'], '+.3f')}) "
+            f"| {_f(m['reward_slope'], '+.3f')} "
             f"| {_f(m['pref_change'], '+.3f')} | {_f(m['tax'], '+.1f')} | {_f(m['wall_min'], '.1f')} min |")
     return "\n".join(lines)
 

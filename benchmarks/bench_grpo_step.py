@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from grpo.tasks import generate as generate_task
+from grpo.data.tasks import generate as generate_task
 
 
 def format_reward(prompts, completions, **_):
@@ -84,7 +84,7 @@ def make_llama_135m(path: str) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from grpo import tasks
+    from grpo.data import tasks
 
     specials = ["<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>", *tasks.TASK_MARKERS]
     words = [*specials, *tasks.TASK_CHARACTERS, "user", "assistant", "\n"]

@@ -41,7 +41,7 @@ def run_seed(recipe: str, seed: int, out: Path, overrides: list[str]) -> float:
     if (out / name / "report.json").exists():
         print(f"[bench] {out / name} already holds a finished run: reused", flush=True)
         return json.loads((out / name / "bench.json").read_text())["wall_s"]
-    cmd = [sys.executable, "-m", "grpo.cli", "run", recipe, f"seed={seed}", f"name={name}", f"output_dir={out}",
+    cmd = [sys.executable, "-m", "grpo", "run", recipe, f"seed={seed}", f"name={name}", f"output_dir={out}",
            *overrides]
     print(f"[bench] {' '.join(cmd[3:])}", flush=True)
     start = time.perf_counter()
@@ -59,7 +59,7 @@ def run_seed(recipe: str, seed: int, out: Path, overrides: list[str]) -> float:
 def pass_at_8(run: Path, phase: str, temperature: float, answer_mode: str, data: Any) -> float | None:
     """pass@8 of a phase's checkpoint on the recipe's held-out set."""
     from grpo.data import load_data
-    from grpo.evaluate import EvalConfig, evaluate_checkpoint
+    from grpo.evaluation import EvalConfig, evaluate_checkpoint
 
     folder = run / "checkpoints" / phase
     if not (folder / "config.json").exists():
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/learning", help="parent folder of the seed-S run folders")
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides applied to every seed")
     args = parser.parse_args()
-    from grpo.recipe import load_recipe
+    from grpo.orchestration.recipe import load_recipe
 
     out = Path(args.out).resolve()
     results = {}

@@ -52,9 +52,9 @@ class _PeakRSS:
 
 
 def one_mode(args: argparse.Namespace) -> dict:
-    from grpo.offload import Offloader
     from model import DeepSeekConfig, DeepSeekForCausalLM
     from rollout.base import SamplingConfig
+    from rollout.offload import Offloader
     from rollout.torch_engine import TorchEngine
 
     torch.manual_seed(0)

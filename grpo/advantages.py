@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from grpo.registry import Registry
+from model.registry import Registry
 
 ADVANTAGE_ESTIMATORS: Registry[Callable[..., Tensor]] = Registry("advantage estimator")
 SCALES = ("group", "batch", "none")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from grpo import advantages, losses
+
 
 @dataclass
 class GRPOConfig:
@@ -139,8 +141,6 @@ class GRPOConfig:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def _check_registered(self) -> None:
-        from grpo import advantages, losses
-
         for name, registry in (("advantage", advantages.ADVANTAGE_ESTIMATORS), ("kl", losses.KL_ESTIMATORS),
                                ("loss_agg", losses.AGG_MODES), ("policy_loss", losses.POLICY_RATIOS)):
             if getattr(self, name) not in registry:

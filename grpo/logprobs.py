@@ -21,11 +21,13 @@ LM heads, from the model's ``get_output_embeddings()`` and its config:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 import kernels
 
@@ -146,8 +148,6 @@ def _prompt_groups(batch: _Batch) -> tuple[Tensor, Tensor] | None:
 
 def _cache_argument(decoder: nn.Module) -> str | None:
     """The keyword a transformers decoder takes its KV cache by (``cache`` in transformers 5), or None."""
-    import inspect
-
     params = inspect.signature(decoder.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
@@ -163,8 +163,6 @@ def _hf_shared_prompt_hidden(decoder: nn.Module, batch: _Batch, end: int) -> Ten
     that share each prompt, and the completions run on top of it. ``[N, end - start + 1, H]``, or None when the
     rows share no prompt or the decoder's cache cannot be gathered this way (sliding windows, gradient
     checkpointing, no cache argument)."""
-    from transformers import DynamicCache
-
     groups = _prompt_groups(batch)
     cache_arg = _cache_argument(decoder)
     if groups is None or cache_arg is None or getattr(decoder, "gradient_checkpointing", False):

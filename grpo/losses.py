@@ -45,15 +45,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from grpo.registry import Registry
+from model.registry import Registry
 
 KL_ESTIMATORS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("KL estimator")
 AGG_MODES: Registry[Callable[..., Tensor]] = Registry("loss aggregation mode")
 POLICY_RATIOS: Registry[Callable[[Tensor, Tensor, Tensor], Tensor]] = Registry("policy loss variant")
+AGG_UNITS: Registry[Callable[[Tensor], Tensor]] = Registry("loss aggregation unit")
+"""What each aggregation mode averages over, counted in a ``[N, T]`` mask: tokens (``token-mean``) or non-empty
+sequences (the ``seq-mean-*`` modes). A micro-batch's weight in its minibatch is its share of these units."""
 
 LOG_RATIO_CLAMP = 20.0
 
-__all__ = ["AGG_MODES", "KL_ESTIMATORS", "POLICY_RATIOS", "agg_loss", "kl_penalty", "policy_loss"]
+__all__ = ["AGG_MODES", "AGG_UNITS", "KL_ESTIMATORS", "POLICY_RATIOS", "agg_loss", "kl_penalty",
+           "micro_batch_weight", "policy_loss"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -140,6 +144,32 @@ def agg_seq_mean_token_sum(loss_mat: Tensor, mask: Tensor, max_len: int) -> Tens
 def agg_seq_mean_token_sum_norm(loss_mat: Tensor, mask: Tensor, max_len: int) -> Tensor:
     """Per-sequence token sum divided by the constant ``max_len``, then the mean over sequences (Dr.GRPO)."""
     return _seq_mean((loss_mat * mask).sum(-1) / max_len, mask)
+
+
+def _tokens(mask: Tensor) -> Tensor:
+    return mask.sum()
+
+
+def _sequences(mask: Tensor) -> Tensor:
+    return (mask.sum(-1) > 0).sum()  # seq-mean modes skip empty rows
+
+
+AGG_UNITS.add("token-mean", _tokens)
+for _mode in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+    AGG_UNITS.add(_mode, _sequences)
+
+
+def micro_batch_weight(mode: str, micro_mask: Tensor, minibatch_mask: Tensor) -> Tensor:
+    """The weight of a micro-batch's aggregated loss so that accumulating the micro-batches of a minibatch equals
+    one pass over it: its share of the minibatch's units (tokens or sequences, :data:`AGG_UNITS`).
+
+    Args:
+        mode: Aggregation mode.
+        micro_mask: The micro-batch's completion mask. ``[n, T]``
+        minibatch_mask: The whole minibatch's. ``[N, T]``
+    """
+    unit = AGG_UNITS.get(mode)
+    return unit(micro_mask) / unit(minibatch_mask).clamp(min=1)
 
 
 def agg_loss(loss_mat: Tensor, mask: Tensor, mode: str, *, max_len: int | None = None) -> Tensor:
@@ -274,41 +304,62 @@ def policy_loss(
     _check_policy_args(logp, old_logp, advantages, mask, ref_logp, clip_low, clip_high, beta, clip_ratio_c)
     valid = mask != 0  # [N, T]
     mask = mask.to(logp.dtype)
-    adv = advantages.detach().to(logp.dtype)
-    adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv  # [N, T]
-    # Padding may hold anything (-inf log-probs, NaN): zero it so neither the loss nor its gradient sees it.
-    logp, old_logp, adv = (torch.where(valid, x, torch.zeros_like(x)) for x in (logp, old_logp.detach(), adv))
-    if ref_logp is not None:
-        ref_logp = torch.where(valid, ref_logp.detach(), torch.zeros_like(ref_logp))
-
+    logp, old_logp, adv, ref_logp = _masked_inputs(valid, logp, old_logp, advantages, ref_logp)
     ratio = ratio_fn(logp, old_logp, mask)  # [N, T]
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [N, T]
-    surrogate = torch.minimum(ratio * adv, clipped * adv)  # [N, T]
-    if clip_ratio_c is not None:
-        surrogate = torch.where(adv < 0, torch.maximum(surrogate, clip_ratio_c * adv), surrogate)
-
+    surrogate = _clipped_surrogate(ratio, adv, clip_low, clip_high, clip_ratio_c)  # [N, T]
     kl_mat = kl_penalty(logp, ref_logp, kl) if ref_logp is not None else torch.zeros_like(logp)  # [N, T]
     loss_mat = -surrogate + beta * kl_mat if beta > 0 else -surrogate  # [N, T]
     loss = agg_loss(loss_mat, mask, agg, max_len=max_len)
+    stats = _loss_stats(loss, logp, old_logp, ratio, adv, surrogate, kl_mat, mask, valid, agg=agg, max_len=max_len,
+                        clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
+    return loss, stats
 
-    with torch.no_grad():
-        count = valid.sum().clamp(min=1).to(logp.dtype)
-        r = ratio.detach()
-        clip_active = ((adv > 0) & (r > 1.0 + clip_high)) | ((adv < 0) & (r < 1.0 - clip_low))
-        dual_active = (adv < 0) & (r > clip_ratio_c) if clip_ratio_c is not None else torch.zeros_like(valid)
-        log_r = (logp.detach() - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        stats = {
-            "loss": loss.detach(),
-            "pg_loss": agg_loss(-surrogate.detach(), mask, agg, max_len=max_len),
-            "kl_loss": agg_loss(kl_mat.detach().to(logp.dtype), mask, agg, max_len=max_len),
-            "kl": _masked_mean(kl_mat.detach().to(logp.dtype), valid, count),
-            "clip_frac": _masked_mean(clip_active.to(r.dtype), valid, count),
-            "dual_clip_frac": _masked_mean(dual_active.to(r.dtype), valid, count),
-            "ratio_mean": _masked_mean(r, valid, count),
-            "ratio_max": _masked_extreme(r, valid, "max"),
-            "ratio_min": _masked_extreme(r, valid, "min"),
-            "approx_kl": _masked_mean(torch.expm1(log_r) - log_r, valid, count),
-            "num_tokens": valid.sum().to(r.dtype),
-        }
-        values = torch.stack([v.to(torch.float64) for v in stats.values()]).tolist()  # one device sync
-    return loss, dict(zip(stats, values, strict=True))
+
+def _clipped_surrogate(ratio: Tensor, adv: Tensor, clip_low: float, clip_high: float, clip_ratio_c: float | None
+                       ) -> Tensor:
+    """``min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A)``, and with dual clipping at most ``c A`` away
+    from zero for negative advantages. ``[N, T]``"""
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    surrogate = torch.minimum(ratio * adv, clipped * adv)
+    if clip_ratio_c is not None:
+        surrogate = torch.where(adv < 0, torch.maximum(surrogate, clip_ratio_c * adv), surrogate)
+    return surrogate
+
+
+def _masked_inputs(valid: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor, ref_logp: Tensor | None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The loss inputs with padding zeroed (it may hold anything, -inf log-probs or NaN, and neither the loss nor
+    its gradient may see it); constants detached; advantages broadcast to ``[N, T]``."""
+    adv = advantages.detach().to(logp.dtype)
+    adv = adv[:, None].expand_as(logp) if adv.dim() == 1 else adv  # [N, T]
+    logp, old_logp, adv = (torch.where(valid, x, torch.zeros_like(x)) for x in (logp, old_logp.detach(), adv))
+    if ref_logp is not None:
+        ref_logp = torch.where(valid, ref_logp.detach(), torch.zeros_like(ref_logp))
+    return logp, old_logp, adv, ref_logp
+
+
+@torch.no_grad()
+def _loss_stats(loss: Tensor, logp: Tensor, old_logp: Tensor, ratio: Tensor, adv: Tensor, surrogate: Tensor,
+                kl_mat: Tensor, mask: Tensor, valid: Tensor, *, agg: str, max_len: int | None, clip_low: float,
+                clip_high: float, clip_ratio_c: float | None) -> dict[str, float]:
+    """The metrics of :func:`policy_loss`, over valid tokens, read back in one device sync."""
+    count = valid.sum().clamp(min=1).to(logp.dtype)
+    r = ratio.detach()
+    clip_active = ((adv > 0) & (r > 1.0 + clip_high)) | ((adv < 0) & (r < 1.0 - clip_low))
+    dual_active = (adv < 0) & (r > clip_ratio_c) if clip_ratio_c is not None else torch.zeros_like(valid)
+    log_r = (logp.detach() - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    stats = {
+        "loss": loss.detach(),
+        "pg_loss": agg_loss(-surrogate.detach(), mask, agg, max_len=max_len),
+        "kl_loss": agg_loss(kl_mat.detach().to(logp.dtype), mask, agg, max_len=max_len),
+        "kl": _masked_mean(kl_mat.detach().to(logp.dtype), valid, count),
+        "clip_frac": _masked_mean(clip_active.to(r.dtype), valid, count),
+        "dual_clip_frac": _masked_mean(dual_active.to(r.dtype), valid, count),
+        "ratio_mean": _masked_mean(r, valid, count),
+        "ratio_max": _masked_extreme(r, valid, "max"),
+        "ratio_min": _masked_extreme(r, valid, "min"),
+        "approx_kl": _masked_mean(torch.expm1(log_r) - log_r, valid, count),
+        "num_tokens": valid.sum().to(r.dtype),
+    }
+    values = torch.stack([v.to(torch.float64) for v in stats.values()]).tolist()  # one device sync
+    return dict(zip(stats, values, strict=True))

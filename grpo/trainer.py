@@ -13,18 +13,18 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from grpo.advantages import compute_advantages
+from grpo.batch import Scores, Trajectories, pad_trajectories
 from grpo.config import GRPOConfig
 from grpo.logprobs import sequence_logprobs
-from grpo.losses import policy_loss
-from grpo.steps import check_step_rewards, step_groups_flat, token_step_ends
+from grpo.losses import micro_batch_weight, policy_loss
+from grpo.steps import check_step_rewards, token_step_ends
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
 from rollout.weights import (
     StaleWeightsError,
@@ -34,78 +34,11 @@ from rollout.weights import (
     compare_fingerprints,
     named_weights,
 )
+from sft.formatting import encode_prompt
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Trajectories:
-    """One step's sampled sequences, padded into tensors (``N = B * G`` rows, prompt left-padded, completion
-    right-padded; ``L = P + T``).
-
-    Attributes:
-        input_ids: ``[N, L]`` prompt + completion token ids.
-        attention_mask: ``[N, L]`` 1 at real tokens.
-        completion_mask: ``[N, T]`` 1 at completion tokens that carry loss.
-        advantages: ``[N]`` per-sequence advantages (``[N, T]`` per-token with process supervision).
-        rewards: ``[N]`` total rewards.
-        old_logp: ``[N, T]`` log-probs under the sampling policy (None until computed).
-        ref_logp: ``[N, T]`` log-probs under the reference policy (None when β = 0).
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    completion_mask: Tensor
-    advantages: Tensor
-    rewards: Tensor
-    old_logp: Tensor | None = None
-    ref_logp: Tensor | None = None
-
-    @property
-    def completion_len(self) -> int:
-        return self.completion_mask.shape[1]
-
-    def select(self, idx: Tensor) -> Trajectories:
-        pick = (lambda t: None if t is None else t[idx])  # noqa: E731
-        return Trajectories(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
-
-    def replace(self, **kw: Any) -> Trajectories:
-        values = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        values.update(kw)
-        return Trajectories(**values)
-
-
-def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
-    """Token ids of a prompt: chat messages go through the chat template with the generation prompt; a plain
-    string does too when the tokenizer has a chat template (as a single user turn), else it is tokenised as is."""
-    if isinstance(prompt, str):
-        if getattr(tokenizer, "chat_template", None) is None:
-            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        prompt = [{"role": "user", "content": prompt}]
-    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def pad_trajectories(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """Left-pads prompts and right-pads completions into ``input_ids [N, P+T]``, ``attention_mask [N, P+T]``
-    and ``completion_mask [N, T]`` (T >= 1 even when every completion is empty)."""
-    p_len = max(len(p) for p in prompts)
-    t_len = max(1, max(len(c) for c in completions))
-    n = len(prompts)
-    ids = torch.full((n, p_len + t_len), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, p_len + t_len), dtype=torch.long)
-    comp = torch.zeros((n, t_len), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, p_len - len(p):p_len] = torch.as_tensor(list(p), dtype=torch.long)
-        ids[i, p_len:p_len + len(c)] = torch.as_tensor(list(c), dtype=torch.long)
-        attn[i, p_len - len(p):p_len + len(c)] = 1
-        comp[i, :len(c)] = 1
-    return ids, attn, comp
 
 
 class GRPOTrainer:
@@ -192,7 +125,7 @@ class GRPOTrainer:
         timer = _PhaseTimer(metrics)
         rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer)
         with timer("advantages"):
-            rewards = torch.tensor(scores["total"], dtype=torch.float32)
+            rewards = torch.tensor(scores.total, dtype=torch.float32)
             batch = self._trajectories(rollouts, self._advantages(rollouts, scores), rewards)
         with timer("logprobs"):
             batch = self._reference_logprobs(batch)
@@ -212,14 +145,15 @@ class GRPOTrainer:
                 "weight_decay": float(self.optimizer.param_groups[0].get("weight_decay", 0.0))}
 
     # -- generate + score (with dynamic sampling) ---------------------------------------------------------------
-    def _sample_and_score(self, rows, refill, metrics, timer):
+    def _sample_and_score(self, rows: list[Row], refill: Callable[[int], list[Row]] | None,
+                          metrics: dict[str, float], timer: _PhaseTimer) -> tuple[list[Row], list[Rollout], Scores]:
+        """Samples and scores ``rows``; with dynamic sampling, drops the groups without signal and samples rows
+        from ``refill`` in their place (up to ``max_refill_rounds`` rounds)."""
         cfg = self.config
-        want = len(rows)
+        want, g = len(rows), cfg.group_size
         kept_rows: list[Row] = []
         kept_rollouts: list[Rollout] = []
-        totals: list[float] = []
-        steps: list = []
-        breakdown: dict[str, list] = {}
+        kept_scores: list[Scores] = []
         pending, rounds, dropped = rows, 0, 0
         while pending:
             with timer("generate"):
@@ -227,20 +161,15 @@ class GRPOTrainer:
             with timer("score"):
                 scores = self.score(pending, rollouts)
             for i, row in enumerate(pending):
-                group = slice(i * cfg.group_size, (i + 1) * cfg.group_size)
-                flat = scores["total"][group]
-                is_flat = step_groups_flat(scores["steps"][group]) if "steps" in scores else max(flat) == min(flat)
-                if cfg.dynamic_sampling and is_flat and len(kept_rows) < want:
+                group = slice(i * g, (i + 1) * g)
+                if cfg.dynamic_sampling and scores.is_flat(group) and len(kept_rows) < want:
                     dropped += 1
                     continue
                 if len(kept_rows) == want:
                     break
                 kept_rows.append(row)
                 kept_rollouts.extend(rollouts[group])
-                totals.extend(flat)
-                steps.extend(scores.get("steps", [])[group])
-                for name, values in scores["breakdown"].items():
-                    breakdown.setdefault(name, []).extend(values[group])
+                kept_scores.append(scores.select(group))
             missing = want - len(kept_rows)
             if not missing or refill is None or rounds >= cfg.max_refill_rounds:
                 break
@@ -251,8 +180,7 @@ class GRPOTrainer:
                                "refill was possible; raise max_refill_rounds or check the reward functions")
         metrics["dynamic_sampling/dropped_groups"] = float(dropped)
         metrics["dynamic_sampling/kept_groups"] = float(len(kept_rows))
-        kept = {"total": totals, "breakdown": breakdown}
-        return kept_rows, kept_rollouts, kept | ({"steps": steps} if self.config.advantage == "process" else {})
+        return kept_rows, kept_rollouts, Scores.concat(kept_scores)
 
     def generate(self, rows: list[Row]) -> list[Rollout]:
         """Samples ``group_size`` completions per row with the engine."""
@@ -263,9 +191,9 @@ class GRPOTrainer:
                                   logprobs=False)  # the trainer recomputes old log-probs itself
         return self.engine.generate(prompt_ids, sampling)
 
-    def score(self, rows: list[Row], rollouts: list[Rollout]) -> dict[str, Any]:
-        """Scores completions: ``{"total": [N] floats, "breakdown": {name: [N]}}``; None counts as 0. With
-        ``advantage="process"`` also ``"steps"``: ``[N]`` :class:`rewards.StepRewards` (``total`` = their means)."""
+    def score(self, rows: list[Row], rollouts: list[Rollout]) -> Scores:
+        """Scores completions with the reward (``None`` counts 0 in the total); with ``advantage="process"``, the
+        process reward's :class:`rewards.StepRewards` (the total is their mean)."""
         g = self.config.group_size
         prompts = [rows[i // g]["prompt"] for i in range(len(rollouts))]
         columns = {k: [rows[i // g].get(k) for i in range(len(rollouts))] for k in rows[0] if k != "prompt"}
@@ -273,27 +201,27 @@ class GRPOTrainer:
         out = self.reward_fn(prompts, [r.text for r in rollouts], **columns)
         if self.config.advantage == "process":
             steps = check_step_rewards(out, len(rollouts))
-            return {"total": [s.mean for s in steps], "breakdown": {}, "steps": steps}
+            return Scores([s.mean for s in steps], {}, steps)
         if hasattr(out, "total"):
             total, breakdown = list(out.total), dict(out.breakdown)
         else:
             total, breakdown = list(out), {}
         if len(total) != len(rollouts):
             raise ValueError(f"the reward returned {len(total)} values for {len(rollouts)} completions")
-        return {"total": [0.0 if t is None else float(t) for t in total], "breakdown": breakdown}
+        return Scores([0.0 if t is None else float(t) for t in total], breakdown)
 
     # -- advantages ---------------------------------------------------------------------------------------
-    def _advantages(self, rollouts: list[Rollout], scores: dict[str, Any]) -> Tensor:
+    def _advantages(self, rollouts: list[Rollout], scores: Scores) -> Tensor:
         """``[N]`` outcome advantages from the totals, or ``[N, T]`` process ones from the step rewards."""
         cfg = self.config
         kw: dict[str, Any] = {} if cfg.advantage_scale is None else {"scale": cfg.advantage_scale}
         if cfg.advantage != "process":
-            return compute_advantages(cfg.advantage, torch.tensor(scores["total"], dtype=torch.float32),
+            return compute_advantages(cfg.advantage, torch.tensor(scores.total, dtype=torch.float32),
                                       cfg.group_size, **kw)
         decode = (lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))  # noqa: E731
-        ends = [token_step_ends(decode, r.completion_ids, s.ends) for r, s in zip(rollouts, scores["steps"])]
+        ends = [token_step_ends(decode, r.completion_ids, s.ends) for r, s in zip(rollouts, scores.steps)]
         num_tokens = max(1, max(len(r.completion_ids) for r in rollouts))  # the T of pad_trajectories
-        return compute_advantages("process", [list(s.scores) for s in scores["steps"]], cfg.group_size,
+        return compute_advantages("process", [list(s.scores) for s in scores.steps], cfg.group_size,
                                   step_ends=ends, num_tokens=num_tokens, **kw)
 
     # -- tensors ----------------------------------------------------------------------------------------
@@ -368,16 +296,10 @@ class GRPOTrainer:
     def _minibatch_step(self, mini: Trajectories) -> dict[str, float]:
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        total_tokens = mini.completion_mask.sum().clamp(min=1)
-        total_rows = (mini.completion_mask.sum(1) > 0).sum().clamp(min=1)  # seq-mean modes skip empty rows
         stats: dict[str, float] = {}
         for start in range(0, len(mini.rewards), cfg.micro_batch_size):
             micro = mini.select(torch.arange(start, min(start + cfg.micro_batch_size, len(mini.rewards))))
-            # Weight so that accumulating micro-batches equals one pass over the minibatch.
-            if cfg.loss_agg == "token-mean":
-                weight = micro.completion_mask.sum() / total_tokens
-            else:
-                weight = (micro.completion_mask.sum(1) > 0).sum() / total_rows
+            weight = micro_batch_weight(cfg.loss_agg, micro.completion_mask, mini.completion_mask)
             logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
             old = micro.old_logp if micro.old_logp is not None else logp.detach()
             loss, m = policy_loss(logp, old, micro.advantages, micro.completion_mask, clip_low=cfg.clip_low,
@@ -490,9 +412,9 @@ class GRPOTrainer:
         return logits.log_softmax(-1).gather(-1, batch[0, 1:, None]).squeeze(-1).tolist()
 
     # -- metrics ----------------------------------------------------------------------------------------
-    def _rollout_metrics(self, rollouts: list[Rollout], scores: dict[str, Any], metrics: dict[str, float]
+    def _rollout_metrics(self, rollouts: list[Rollout], scores: Scores, metrics: dict[str, float]
                          ) -> dict[str, float]:
-        total = torch.tensor(scores["total"])
+        total = torch.tensor(scores.total)
         lengths = torch.tensor([float(len(r.completion_ids)) for r in rollouts])
         out = {
             "reward/mean": float(total.mean()),
@@ -502,7 +424,7 @@ class GRPOTrainer:
             "completion/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
             "tokens_per_s": float(lengths.sum()) / max(metrics.get("time/generate", 0.0), 1e-9),
         }
-        for name, values in scores["breakdown"].items():
+        for name, values in scores.breakdown.items():
             valid = [v for v in values if v is not None]
             if valid:
                 out[f"reward/{name}"] = sum(valid) / len(valid)

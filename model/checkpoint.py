@@ -15,14 +15,10 @@ A bad folder raises one :class:`CheckpointError` naming what is wrong.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -30,7 +26,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from model.config import DeepSeekConfig
-from model.modeling import DeepSeekForCausalLM
+from model.files import atomic_dir
+
+if TYPE_CHECKING:
+    from model.modeling import DeepSeekForCausalLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -65,10 +64,11 @@ def named_hf_weights(model: DeepSeekForCausalLM) -> Iterator[tuple[str, Tensor]]
             yield name, tensor
 
 
-def expected_hf_shapes(config: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
-    """``{HF name: shape}`` a checkpoint for ``config`` must hold (from a weightless meta-device build)."""
+def expected_hf_shapes(config: DeepSeekConfig, model_cls: type[DeepSeekForCausalLM]) -> dict[str, tuple[int, ...]]:
+    """``{HF name: shape}`` a checkpoint of ``model_cls`` for ``config`` must hold (from a weightless meta-device
+    build)."""
     with torch.device("meta"):
-        model = DeepSeekForCausalLM(config)
+        model = model_cls(config)
     return {name: tuple(t.shape) for name, t in named_hf_weights(model)}
 
 
@@ -157,27 +157,13 @@ def save_pretrained(model: DeepSeekForCausalLM, path: str | Path, tokenizer: Any
         tokenizer: Anything with ``save_pretrained(folder)`` (a transformers tokenizer), optional.
         max_shard_bytes: Above this, weights are split into shards plus ``model.safetensors.index.json``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_dir(path) as tmp:
         cfg = model.config.to_hf_dict()
         cfg["torch_dtype"] = cfg["dtype"] = _dtype_name(model.dtype)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         _write_weights(model, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -238,8 +224,9 @@ def _ignored(name: str, config: DeepSeekConfig) -> bool:
     return config.tie_word_embeddings and name == "lm_head.weight"
 
 
-def validate_checkpoint(path: str | Path, config: DeepSeekConfig) -> dict[str, Path]:
-    """Checks names and shapes against ``config`` without reading tensor data.
+def validate_checkpoint(path: str | Path, config: DeepSeekConfig, model_cls: type[DeepSeekForCausalLM]
+                        ) -> dict[str, Path]:
+    """Checks names and shapes against what ``model_cls`` builds for ``config``, without reading tensor data.
 
     Returns:
         ``{HF name: file}`` of the tensors to load.
@@ -249,7 +236,7 @@ def validate_checkpoint(path: str | Path, config: DeepSeekConfig) -> dict[str, P
     """
     files = _weight_files(Path(path))
     stored = _stored_shapes(files)
-    expected = expected_hf_shapes(config)
+    expected = expected_hf_shapes(config, model_cls)
     problems = []
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(n for n in set(stored) - set(expected) if not _ignored(n, config))
@@ -281,11 +268,12 @@ def _resolve_dtype(dtype: torch.dtype | str | None, path: Path) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
+def load_pretrained(model_cls: type[DeepSeekForCausalLM], path: str | Path, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> DeepSeekForCausalLM:
-    """Loads a checkpoint folder into a :class:`DeepSeekForCausalLM` without a random init pass.
+    """Loads a checkpoint folder into a ``model_cls`` (a :class:`DeepSeekForCausalLM`) without a random init pass.
 
     Args:
+        model_cls: The model class to build.
         path: The folder.
         dtype: Compute dtype; None / ``"auto"`` = the ``dtype`` recorded in config.json (else float32).
             ``e_score_correction_bias`` stays float32.
@@ -296,11 +284,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     """
     path = Path(path)
     config = read_config(path)
-    to_load = validate_checkpoint(path, config)
+    to_load = validate_checkpoint(path, config, model_cls)
     dtype = _resolve_dtype(dtype, path)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = DeepSeekForCausalLM(config)
+        model = model_cls(config)
     model.to(dtype)  # on meta: free; the correction bias stays float32
     model.to_empty(device=device)
     by_file: dict[Path, list[str]] = {}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from model import checkpoint as hf_checkpoint
 from model.cache import LatentKVCache
 from model.config import SCORING_FUNCS, TOPK_METHODS, DeepSeekConfig, yarn_get_mscale
 
@@ -897,8 +898,18 @@ class DeepSeekModel(nn.Module):
             mask = build_attention_mask(attention_mask, b, t, past, device, given_positions)
             valid = None if attention_mask is None else attention_mask[:, past:].to(device=device, dtype=torch.bool)
         cos, sin = self.rotary_emb(position_ids)
-        h = self.embed_tokens(input_ids)
-        losses = _zero_losses(device)
+        h, losses = self._layers(self.embed_tokens(input_ids), cos, sin, mask, valid, cache, shared)
+        if cache is not None:
+            cache.advance(t)
+        h = self.norm(h)
+        return ModelOutput(last_hidden_state=h if shared is None else shared.expand(h), aux_losses=losses,
+                           cache=cache)
+
+    def _layers(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, valid: Tensor | None,
+                cache: LatentKVCache | None, shared: SharedPrefix | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The decoder layers over ``h`` (checkpointed in training when enabled), recording each MoE layer's
+        routing counts; returns the hidden states and the summed balance losses."""
+        losses = _zero_losses(h.device)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if use_ckpt:
@@ -910,11 +921,7 @@ class DeepSeekModel(nn.Module):
                 losses[name] = losses[name] + value
             if counts is not None:
                 layer.mlp.gate.record(counts)
-        if cache is not None:
-            cache.advance(t)
-        h = self.norm(h)
-        return ModelOutput(last_hidden_state=h if shared is None else shared.expand(h), aux_losses=losses,
-                           cache=cache)
+        return h, losses
 
     # --------------------------------------------------------------- routing
     def moe_gates(self) -> dict[int, Gate]:
@@ -1046,26 +1053,18 @@ class DeepSeekForCausalLM(nn.Module):
     # --------------------------------------------------------------- checkpoints (Hugging Face format)
     def named_hf_weights(self) -> Iterator[tuple[str, Tensor]]:
         """``(HF name, tensor)`` pairs, per-expert views included (no copies): what a rollout engine loads."""
-        from model.checkpoint import named_hf_weights
-
-        return named_hf_weights(self)
+        return hf_checkpoint.named_hf_weights(self)
 
     def load_hf_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Copies ``(HF name, tensor)`` pairs into this model in place (weight sync)."""
-        from model.checkpoint import load_hf_weights
-
-        load_hf_weights(self, named_tensors)
+        hf_checkpoint.load_hf_weights(self, named_tensors)
 
     def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> None:
         """Writes a Hugging Face folder (config.json, safetensors, tokenizer files) atomically."""
-        from model.checkpoint import save_pretrained
-
-        save_pretrained(self, path, tokenizer=tokenizer)
+        hf_checkpoint.save_pretrained(self, path, tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None) -> DeepSeekForCausalLM:
         """Loads a Hugging Face folder written by us, transformers or DeepSeek (see :mod:`model.checkpoint`)."""
-        from model.checkpoint import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
+        return hf_checkpoint.load_pretrained(cls, path, dtype=dtype, device=device)

@@ -25,7 +25,11 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+TAG_TOKENS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+"""The reasoning format's markers (``<think>...</think><answer>...</answer>``, as DeepSeek-R1 writes): single
+tokens of the tiny tokenizer, read by the ``format``/``accuracy`` rewards and written by the built-in tasks."""
 BASE_CHARACTERS = tuple(c for c in string.printable if c not in "\r\x0b\x0c")  # 95 printable + \t \n
 
 CHAT_TEMPLATE = (

@@ -9,6 +9,7 @@ Importing this package imports neither torch nor ray: :mod:`rewards.reward_model
 first use.
 """
 
+import importlib
 from typing import Any
 
 from rewards.code_exec import CodeExecReward, extract_code
@@ -37,8 +38,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'rewards' has no attribute {name!r}")
 

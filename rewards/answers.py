@@ -29,7 +29,11 @@ import re
 import threading
 from fractions import Fraction
 
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+from math_verify import parse, verify
+
+from model.tokenizer import ANSWER_CLOSE, ANSWER_OPEN
+
+_ANSWER_BLOCK = re.compile(rf"{ANSWER_OPEN}(.*?){ANSWER_CLOSE}", re.DOTALL)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _GSM8K = re.compile(r"####\s*([^\n]*)")
 _NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*[+-]?\d+)?|[+-]?\.\d+")
@@ -108,8 +112,6 @@ def _extract_lenient(text: str) -> str | None:
 
 
 def _math_verify_extract(text: str) -> str | None:
-    from math_verify import parse
-
     timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     try:
         parsed = parse(text, parsing_timeout=timeout)
@@ -155,8 +157,6 @@ def _as_fraction(text: str) -> Fraction | None:
 
 
 def _math_verify_parse(text: str, timeout: int | None) -> list:
-    from math_verify import parse
-
     parsed = parse(f"${text}$", parsing_timeout=timeout)
     return parsed if parsed else parse(text, parsing_timeout=timeout)
 
@@ -173,8 +173,6 @@ def answers_match(predicted: str, gold: str) -> bool:
     p, g = _as_fraction(predicted), _as_fraction(gold)
     if p is not None and g is not None:
         return p == g
-    from math_verify import verify
-
     timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
     gold_parsed = _math_verify_parse(gold, timeout)
     pred_parsed = _math_verify_parse(predicted, timeout)

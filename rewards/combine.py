@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from grpo.registry import Registry
+from model.registry import Registry
 from rewards.protocol import ON_ERROR_POLICIES, OnError, RewardError, Scores, call_reward
 from rewards.registry import get_reward
 

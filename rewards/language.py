@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model.tokenizer import THINK_CLOSE, THINK_OPEN
 from rewards.protocol import completion_texts
 
 LANGUAGE_SCRIPTS: dict[str, frozenset[str]] = {
@@ -43,7 +44,7 @@ _NAME_PREFIXES = (
     ("GREEK", "greek"), ("ARABIC", "arabic"), ("HEBREW", "hebrew"), ("DEVANAGARI", "devanagari"),
     ("THAI", "thai"),
 )
-_THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
+_THINK = re.compile(rf"{THINK_OPEN}(.*?)(?:{THINK_CLOSE}|$)", re.DOTALL)
 
 
 @functools.lru_cache(maxsize=65536)

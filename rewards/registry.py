@@ -22,7 +22,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from grpo.registry import Registry, import_dotted
+from model.registry import Registry, import_dotted
 
 F = TypeVar("F", bound=Callable[..., Any])
 

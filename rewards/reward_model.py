@@ -33,8 +33,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
-from grpo.registry import Registry, import_dotted
+from model.registry import Registry, import_dotted
 from rewards.protocol import completion_text, prompt_messages
 from rewards.registry import reward_factory
 
@@ -59,9 +62,6 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 @BACKBONE_LOADERS.register("auto")
 def _load_auto(path: str | Path, **kwargs: Any) -> nn.Module:
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
     # A reward-model folder holds the scalar head too; transformers' load report would list it as unexpected.
     previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -214,8 +214,6 @@ class RewardModel(nn.Module):
             tokenizer.save_pretrained(str(path))
 
     def _config_dict(self, loader: str, tokenizer: Any) -> dict[str, Any]:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
         config = self.backbone.config
         out = dict(config.to_hf_dict() if hasattr(config, "to_hf_dict") else config.to_dict())
         classifier = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(out.get("model_type", ""))
@@ -270,8 +268,6 @@ class RewardModel(nn.Module):
 
 
 def _is_transformers_model(module: nn.Module) -> bool:
-    from transformers import PreTrainedModel
-
     return isinstance(module, PreTrainedModel)
 
 
@@ -356,8 +352,6 @@ def load_reward_model_reward(path: str | Path, *, loader: str | None = None, dev
                              dtype: str | None = None, batch_size: int = 16, max_length: int = 1024,
                              name: str = "reward_model") -> RewardModelReward:
     """Loads a saved reward model and its tokenizer as a reward (registered as ``reward_model``)."""
-    from transformers import AutoTokenizer
-
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     model = RewardModel.from_pretrained(path, loader=loader, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from rewards.reward_model import RewardModel, bradley_terry_loss, encode, score_pairs_texts
 
@@ -196,8 +197,6 @@ def train_reward_model_from_checkpoint(init_path: str | Path, output_path: str |
                                        eval_pairs: Iterable[Mapping[str, Any]] | None = None,
                                        loader: str = "auto") -> RewardModelTrainResult:
     """Initialises a reward model from a causal-LM checkpoint, trains it, saves it (with the tokenizer)."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(init_path))
     model = RewardModel.from_causal_lm(init_path, loader=loader)
     result = train_reward_model(model, tokenizer, train_pairs, config, eval_pairs)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, TAG_TOKENS, THINK_CLOSE, THINK_OPEN
 from rewards.answers import answers_match, check_answer_mode, extract_answer, gold_answer
 from rewards.protocol import column_value, completion_texts
 
@@ -65,8 +66,8 @@ accuracy = AccuracyReward()
 """The strict ``accuracy`` reward (see :class:`AccuracyReward`)."""
 
 
-_FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_FORMAT = re.compile(rf"\s*{THINK_OPEN}(?P<think>.*?){THINK_CLOSE}\s*{ANSWER_OPEN}(?P<answer>.*?){ANSWER_CLOSE}\s*",
+                     re.DOTALL)
 
 
 def format_reward(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
@@ -83,7 +84,7 @@ def format_reward(prompts: Sequence[Any], completions: Sequence[Any], **columns:
     scores: list[float | None] = []
     for text in completion_texts(completions):
         match = _FORMAT.fullmatch(text)
-        ok = match is not None and all(text.count(tag) == 1 for tag in _TAGS) and match["answer"].strip() != ""
+        ok = match is not None and all(text.count(tag) == 1 for tag in TAG_TOKENS) and match["answer"].strip() != ""
         scores.append(1.0 if ok else 0.0)
     return scores
 

@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import torch
 
-from grpo.registry import Registry, import_dotted
+from model.registry import Registry, import_dotted
+from rollout.weights import WeightReport
 
 FinishReason = Literal["stop", "length"]
 
@@ -138,8 +139,6 @@ class RolloutEngine(abc.ABC):
     def weight_reports(self, names: Sequence[str], probe_ids: Sequence[int]) -> list[Any]:
         """One :class:`rollout.weights.WeightReport` per replica of the engine (one here; a group of rollout
         workers gives one per worker): fingerprints of ``names``, else log-probs of ``probe_ids``."""
-        from rollout.weights import WeightReport
-
         fingerprints = self.weight_fingerprints(names)
         probe = self.probe_logprobs(probe_ids) if fingerprints is None else None
         return [WeightReport(self.description, fingerprints, probe)]

@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from model import DeepSeekForCausalLM
+from model.checkpoint import read_config
 
 OUR_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 # A folder has a usable tokenizer when it holds tokenizer.json (fast tokenizers), or tokenizer_config.json beside
@@ -47,12 +51,8 @@ def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = "float32"
     """
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if is_ours(path):
-        from model import DeepSeekForCausalLM
-
         model = DeepSeekForCausalLM.from_pretrained(path, dtype=torch_dtype)
     else:
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
     return model.to(device)
 
@@ -60,17 +60,12 @@ def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = "float32"
 def meta_causal_lm(path: str | Path) -> nn.Module:
     """The model a folder describes, built on the meta device (no memory, no weights): its names and shapes."""
     if is_ours(path):
-        from model import DeepSeekForCausalLM
-        from model.checkpoint import read_config
-
         config = read_config(Path(path))
         with torch.device("meta"):
             model = DeepSeekForCausalLM(config)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
 
@@ -97,6 +92,4 @@ def load_tokenizer(path: str | Path, *, required: bool = True) -> Any:
         raise FileNotFoundError(
             f"{str(path)!r} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); save the tokenizer "
             f"into the folder (tokenizer.save_pretrained(folder)) or name a tokenizer folder (model.tokenizer=...)")
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(path))

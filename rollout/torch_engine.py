@@ -10,6 +10,7 @@ How it stays fast on small hardware:
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import tempfile
 import weakref
@@ -18,9 +19,14 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
+from model import DeepSeekForCausalLM, LatentKVCache
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
+from rollout.loading import load_causal_lm, load_tokenizer
+from rollout.offload import Offloader
 from rollout.sampling import sample_next
+from rollout.weights import check_names, fingerprint
 
 
 class _DecodeBackend(Protocol):
@@ -39,8 +45,6 @@ class _HFBackend:
     """Any transformers causal LM, decoding through its ``DynamicCache``."""
 
     def __init__(self, model: nn.Module) -> None:
-        import inspect
-
         self.model = model
         self.cache: Any = None
         # transformers 5 names the cache argument ``cache`` (``past_key_values`` is deprecated); older ones
@@ -54,8 +58,6 @@ class _HFBackend:
         return out.logits[:, -1, :]  # [B, V]
 
     def prefill(self, input_ids, attention_mask, position_ids):
-        from transformers import DynamicCache
-
         self.cache = DynamicCache(config=getattr(self.model, "config", None))
         return self._forward(input_ids, attention_mask, position_ids)
 
@@ -75,8 +77,6 @@ class _LatentBackend:
         self.cache: Any = None
 
     def prefill(self, input_ids, attention_mask, position_ids):
-        from model import LatentKVCache
-
         param = next(self.model.parameters())
         self.cache = LatentKVCache(self.model.config, batch_size=input_ids.shape[0], max_len=self.max_len,
                                    dtype=param.dtype, device=param.device)
@@ -94,8 +94,6 @@ class _LatentBackend:
 
 
 def _is_ours(model: nn.Module) -> bool:
-    from model import DeepSeekForCausalLM
-
     return isinstance(model, DeepSeekForCausalLM)
 
 
@@ -256,8 +254,6 @@ class TorchEngine(RolloutEngine):
         """
         if self._sleeping:
             raise RuntimeError("the engine is asleep: call wake_up() before update_weights()")
-        from rollout.weights import check_names
-
         named = list(named_tensors)
         tensors = self._tensors()
         check_names({n: tuple(t.shape) for n, t in named}, {n: tuple(t.shape) for n, t in tensors.items()},
@@ -267,8 +263,6 @@ class TorchEngine(RolloutEngine):
 
     def weight_fingerprints(self, names: Sequence[str]) -> dict[str, Any]:
         """Fingerprints (:func:`rollout.weights.fingerprint`) of the tensors the model holds under ``names``."""
-        from rollout.weights import fingerprint
-
         tensors = self._tensors()
         return {name: fingerprint(tensors[name]) for name in names if name in tensors}
 
@@ -287,11 +281,9 @@ class TorchEngine(RolloutEngine):
 
     def sleep(self) -> None:
         """Frees the engine's weights until :meth:`wake_up`: to CPU memory on an accelerator, to a scratch
-        folder on a CPU-only machine (see :mod:`grpo.offload`)."""
+        folder on a CPU-only machine (see :mod:`rollout.offload`)."""
         if self._sleeping:
             return
-        from grpo.offload import Offloader
-
         self._scratch = tempfile.mkdtemp(prefix="grpo-engine-")
         # removed on wake-up, or when the engine is collected or the process exits still asleep
         self._scratch_cleanup = weakref.finalize(self, shutil.rmtree, self._scratch, True)
@@ -315,8 +307,6 @@ class TorchEngine(RolloutEngine):
 def _load(path: str, tokenizer: Any) -> tuple[nn.Module, Any]:
     """The model of a checkpoint folder, and its tokenizer when none is given and the folder has one (without
     tokenizer files the engine works on token ids only)."""
-    from rollout.loading import load_causal_lm, load_tokenizer
-
     model = load_causal_lm(path, dtype=None)
     if tokenizer is None:
         tokenizer = load_tokenizer(path, required=False)

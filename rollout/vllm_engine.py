@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
 
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
 from rollout.loading import has_tokenizer
@@ -56,8 +58,6 @@ logger = logging.getLogger(__name__)
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 def checkpoint_tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor stored in a Hugging Face folder's safetensors files."""
-    from safetensors import safe_open
-
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"checkpoint {str(folder)!r} has no *.safetensors files")
@@ -220,12 +220,8 @@ class VLLMEngine(RolloutEngine):
         if tokenizer is None:
             if not has_tokenizer(self.path):
                 return None, None
-            from transformers import AutoTokenizer
-
             return AutoTokenizer.from_pretrained(str(self.path)), str(self.path)
         if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-
             return AutoTokenizer.from_pretrained(str(tokenizer)), str(tokenizer)
         if has_tokenizer(self.path):
             return tokenizer, str(self.path)

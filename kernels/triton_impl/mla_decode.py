@@ -29,6 +29,23 @@ def _split_configs() -> list[triton.Config]:
     ]
 
 
+@triton.jit
+def _qk_scores(q, qr, c, kr, IEEE: tl.constexpr):
+    """``q c^T + qr kr^T``: the scores of a head block against a block of cached positions. ``[BLOCK_H, BLOCK_S]``"""
+    if IEEE:
+        scores = tl.dot(q, tl.trans(c), input_precision="ieee")
+        return tl.dot(qr, tl.trans(kr), scores, input_precision="ieee")
+    return tl.dot(qr, tl.trans(kr), tl.dot(q, tl.trans(c)))
+
+
+@triton.jit
+def _weighted_latents(p, c, acc, IEEE: tl.constexpr):
+    """``acc + p c``: the attention-weighted latents of a block added to the running sum. ``[BLOCK_H, BLOCK_C]``"""
+    if IEEE:
+        return tl.dot(p, c.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(p.to(c.dtype), c, acc)
+
+
 @triton.autotune(configs=_split_configs(), key=["DC", "DR", "BLOCK_H"])
 @triton.jit
 def _mla_split_kernel(
@@ -45,7 +62,6 @@ def _mla_split_kernel(
     b = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
     h_mask = heads < HQ
     dcs = tl.arange(0, BLOCK_C)
     drs = tl.arange(0, BLOCK_R)
@@ -78,26 +94,18 @@ def _mla_split_kernel(
         if UPCAST:
             c = c.to(tl.float32)
             kr = kr.to(tl.float32)
-        if IEEE or UPCAST:
-            scores = tl.dot(q, tl.trans(c), input_precision="ieee")
-            scores = tl.dot(qr, tl.trans(kr), scores, input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(c))
-            scores = tl.dot(qr, tl.trans(kr), scores)
+        scores = _qk_scores(q, qr, c, kr, IEEE or UPCAST)
         scores = tl.where(p_mask[None, :], scores * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_S], log2 units
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp2 finite
         alpha = tl.exp2(m - m_safe)
         p = tl.exp2(scores - m_safe[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        if IEEE or UPCAST:
-            acc = tl.dot(p, c.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(c.dtype), c, acc * alpha[:, None])
+        acc = _weighted_latents(p, c, acc * alpha[:, None], IEEE or UPCAST)
         m = m_new
     has = l > 0
     out = tl.where(has[:, None], acc / tl.where(has, l, 1.0)[:, None], 0.0)
-    row = (b * HQ + heads) * num_splits + split  # [B, HQ, splits] flattened
+    row = (b * HQ + heads) * tl.num_programs(2) + split  # [B, HQ, splits] flattened
     tl.store(out_ptr + row[:, None] * DC + dcs[None, :], out, mask=h_mask[:, None] & c_mask[None, :])
     tl.store(lse_ptr + row, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=h_mask)
 

@@ -1,0 +1,239 @@
+"""The single controller: SFT -> RL stage 1 (reasoning) -> reward models -> RL stage 2 (preference) -> eval.
+
+The driver (this module) owns no model. The roles run as Ray actors (:mod:`grpo.orchestration.workers`): one
+policy worker (trainer) that lives through every phase, rollout workers that follow its weights, and per-phase
+reward and reference workers. Each phase is a module of :mod:`grpo.orchestration.phases` that registers its
+runner. Between phases the idle side is offloaded (the hybrid engine): during reward-model training
+the policy's parameters and optimizer state leave memory and the rollout engines sleep.
+
+Every phase is resumable: step checkpoints are written atomically on a schedule, completed phases are recorded
+in ``progress.json``, and ``resume=true`` continues from the last complete step with the same data order and RNG
+state. The embedded default starts a local Ray instance; ``ray.address=auto`` (or ``HOST:PORT``) joins a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from grpo.orchestration import phases  # noqa: F401 - every phase registers its runner
+from grpo.orchestration.checkpointing import Progress
+from grpo.orchestration.phases.registry import PHASE_RUNNERS
+from grpo.orchestration.recipe import Recipe, to_dict
+from grpo.orchestration.workers import (
+    PolicyWorker,
+    RolloutWorker,
+    load_policy,
+    preflight_weight_sync,
+    remote,
+    save_policy,
+)
+from grpo.phases import BASE, EVAL, POLICY_PHASES, RL_PHASES
+from grpo.reporting import MetricsLogger
+from model import DeepSeekConfig, DeepSeekForCausalLM, build_tokenizer
+from model.files import atomic_write_text
+from rewards.combine import RewardSpec
+from rollout.loading import load_tokenizer
+
+log = logging.getLogger(__name__)
+RM_PREFIX = "rm:"
+"""In a recipe's rewards, ``rm:NAME`` names the reward model ``NAME`` trained by the run's ``rm`` phase."""
+
+
+def reward_model_name(reward: str) -> str | None:
+    """``NAME`` for a reward named ``rm:NAME``, else None."""
+    return reward[len(RM_PREFIX):] if reward.startswith(RM_PREFIX) else None
+
+
+def init_ray(recipe: Recipe) -> tuple[bool, Path | None]:
+    """Starts the embedded local Ray instance, or joins ``ray.address``.
+
+    Returns:
+        ``(started, scratch)``: whether we started a local instance, and the temporary folder it uses when the
+        run folder's path was too long for Ray's sockets (to remove after ``ray.shutdown()``), else ``None``.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False, None
+    cfg = recipe.ray
+    if cfg.address is None:
+        os.environ.pop("RAY_ADDRESS", None)  # never attach to a stray cluster by accident
+        temp = (recipe.run_dir / "ray").resolve()
+        # Ray's unix sockets live at <temp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store (about 64
+        # characters below <temp>) and a socket path must stay within 107 bytes.
+        scratch = None
+        if len(str(temp)) > 40:
+            temp = scratch = Path(tempfile.mkdtemp(prefix="grpo-ray-"))
+        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False,
+                 _temp_dir=str(temp), logging_level=logging.WARNING, configure_logging=True)
+        return True, scratch
+    ray.init(address=cfg.address, logging_level=logging.WARNING)
+    return False, None
+
+
+class Pipeline:
+    """Runs a recipe's phases in order.
+
+    Args:
+        recipe: The validated recipe.
+    """
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.run_dir = recipe.run_dir
+        if self.run_dir.exists() and (self.run_dir / "progress.json").exists() and not recipe.resume:
+            raise FileExistsError(f"run folder {self.run_dir} already holds a run; pass resume=true to continue "
+                                  f"it, or choose another name=... or output_dir=...")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = Progress(self.run_dir)
+        self.logger = MetricsLogger(self.run_dir)
+        self.threads = recipe.ray.threads_per_worker or os.cpu_count()
+        self.policy: Any = None
+        self.rollouts: list[Any] = []
+        self.rollout_engine: str | None = None
+        self.offloaded = False
+
+    # -- paths ------------------------------------------------------------------------------------------------
+    def ckpt(self, name: str) -> Path:
+        return self.run_dir / "checkpoints" / name
+
+    def current_policy(self) -> Path:
+        """The newest policy checkpoint: the last completed policy phase, else the base model."""
+        for phase in reversed(POLICY_PHASES):
+            if self.progress.done(phase) and self.ckpt(phase).exists():
+                return self.ckpt(phase)
+        return self.ckpt(BASE)
+
+    # -- run ----------------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Runs every phase of the recipe (skipping completed ones on resume); returns the run folder."""
+        atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(self.recipe), sort_keys=False))
+        started, scratch = init_ray(self.recipe)
+        try:
+            self._base_checkpoint()
+            self._preflight()
+            for phase in self.recipe.phases:
+                if self.progress.done(phase) and phase != EVAL:
+                    log.warning("phase %s already complete: skipped", phase)
+                    continue
+                print(f"[grpo] phase {phase}", flush=True)
+                PHASE_RUNNERS.get(phase)(self)
+        finally:
+            self.logger.close()
+            if started:
+                import ray
+
+                ray.shutdown()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            # Offloaded tensors only live while their actors do; resuming uses the step checkpoints.
+            shutil.rmtree(self.run_dir / "offload", ignore_errors=True)
+        return self.run_dir
+
+    def _base_checkpoint(self) -> None:
+        """Builds the starting policy: the recipe's checkpoint folder, or a fresh model from a preset."""
+        base = self.ckpt(BASE)
+        if (base / "config.json").exists():
+            return
+        cfg = self.recipe.model
+        if cfg.path is not None:
+            tokenizer = load_tokenizer(cfg.tokenizer or cfg.path)
+            save_policy(load_policy(cfg.path, cfg.dtype), base, tokenizer)
+            return
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else build_tokenizer()
+        config = DeepSeekConfig.from_preset(
+            cfg.preset, **{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                           **cfg.overrides})
+        torch.manual_seed(self.recipe.seed + cfg.seed)
+        DeepSeekForCausalLM(config).save_pretrained(base, tokenizer=tokenizer)
+
+    def _preflight(self) -> None:
+        """Checks, before any phase starts, what would otherwise fail minutes into a run: every RL stage's engine
+        must take the policy's weights (names and shapes)."""
+        for phase in RL_PHASES:
+            if phase in self.recipe.phases:
+                preflight_weight_sync(str(self.ckpt(BASE)), getattr(self.recipe, phase).engine)
+
+    # -- roles ----------------------------------------------------------------------------------------------------
+    def policy_worker(self) -> Any:
+        import ray
+
+        if self.policy is None:
+            cfg = self.recipe.model
+            actor = remote(PolicyWorker, num_cpus=0.5)
+            self.policy = actor.remote(str(self.current_policy()), threads=self.threads, dtype=cfg.dtype,
+                                       device=self._device(), gradient_checkpointing=cfg.gradient_checkpointing)
+        elif self.offloaded:
+            ray.get(self.policy.onload.remote())
+            self.offloaded = False
+        return self.policy
+
+    def rollout_workers(self, engine: str) -> list[Any]:
+        """The rollout workers for a stage, awake: the existing ones when they run ``engine``, else new ones (an
+        earlier stage's workers with another engine are stopped)."""
+        import ray
+
+        if self.rollouts and self.rollout_engine != engine:
+            for worker in self.rollouts:
+                ray.kill(worker)
+            self.rollouts = []
+        if not self.rollouts:
+            self.rollout_engine = engine
+            cfg = self.recipe.ray
+            actor = remote(RolloutWorker, num_cpus=cfg.rollout_cpus, scheduling_strategy="SPREAD")
+            self.rollouts = [actor.remote(str(self.current_policy()), engine=engine, threads=self.threads,
+                                          dtype=self.recipe.model.dtype, device=self._device())
+                             for _ in range(cfg.num_rollout_workers)]
+        else:
+            ray.get([w.wake_up.remote() for w in self.rollouts])
+        return self.rollouts
+
+    def _device(self) -> str:
+        if self.recipe.model.device != "auto":
+            return self.recipe.model.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def offload_idle(self) -> None:
+        """Hybrid engine: puts the policy (params + optimizer state) and the rollout engines out of memory."""
+        import ray
+
+        if self.policy is not None and not self.offloaded and self.recipe.offload != "none":
+            moved = ray.get(self.policy.offload.remote(self.recipe.offload, str(self.run_dir / "offload")))
+            self.offloaded = True
+            print(f"[grpo] offloaded the idle policy ({moved / 2**20:.1f} MiB)", flush=True)
+        if self.rollouts:
+            ray.get([w.sleep.remote() for w in self.rollouts])
+
+    def resolve_rewards(self, specs: list[RewardSpec]) -> list[RewardSpec]:
+        """Turns ``rm:NAME`` into the ``reward_model`` reward loading that phase's checkpoint."""
+        out = []
+        for spec in specs:
+            name = reward_model_name(spec.name)
+            if name is not None:
+                path = self.reward_model_path(name)
+                if not (path / "config.json").exists():
+                    raise FileNotFoundError(f"reward {spec.name!r} needs the reward model {path}; run the rm phase "
+                                            f"first (phases must include 'rm' before this one)")
+                spec = dataclasses.replace(spec, name="reward_model", key=spec.key or spec.name,
+                                           kwargs={"path": str(path), **spec.kwargs})
+            out.append(spec)
+        return out
+
+    def reward_model_path(self, name: str) -> Path:
+        """The checkpoint the ``rm`` phase trains for reward model ``name``."""
+        return self.ckpt(f"rm_{name}")
+
+    def reward_models_ready(self, specs: list[RewardSpec]) -> bool:
+        """Whether every ``rm:NAME`` among ``specs`` has its trained checkpoint."""
+        names = [reward_model_name(s.name) for s in specs]
+        return all((self.reward_model_path(n) / "config.json").exists() for n in names if n is not None)

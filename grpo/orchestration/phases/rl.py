@@ -1,0 +1,106 @@
+"""The GRPO stages ``rl_reason`` and ``rl_pref``: the step loop on the policy worker, with its prompt order,
+checkpoints, resume and optional held-out evaluation every ``eval_every`` steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from grpo.data.loading import rows_of
+from grpo.orchestration.phases.registry import PHASE_RUNNERS
+from grpo.orchestration.recipe import RLPhase
+from grpo.orchestration.workers import ReferenceWorker, RewardWorker, remote
+from grpo.phases import RL_PREF, RL_REASON
+
+if TYPE_CHECKING:
+    from grpo.orchestration.controller import Pipeline
+
+
+class PromptSampler:
+    """Deterministic prompt order: a fresh seeded permutation per epoch; its state is two integers."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.cursor = size, seed, 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(self.size))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.cursor == self.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._permutation()
+
+
+def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
+    """Runs one GRPO stage from its last complete step (or the start); saves ``checkpoints/<phase>``."""
+    import ray
+
+    rows = rows_of(cfg.data)
+    g = dataclasses.replace(cfg.grpo, seed=p.recipe.seed + cfg.grpo.seed)
+    policy = p.policy_worker()
+    rollouts = p.rollout_workers(cfg.engine)
+    reward = remote(RewardWorker, num_cpus=0.25).remote(p.resolve_rewards(cfg.rewards), cfg.reward_mode,
+                                                        threads=1, process=g.advantage == "process")
+    reference = None
+    if g.beta > 0:
+        reference = remote(ReferenceWorker, num_cpus=0.25).remote(str(p.current_policy()), threads=p.threads,
+                                                                  dtype=p.recipe.model.dtype, device=p._device())
+    ray.get(policy.start_rl.remote(g, rollouts, reward, reference))
+    state_dir = str(p.run_dir / "state" / phase)
+    sampler = PromptSampler(len(rows), g.seed)
+    start = 0
+    if p.recipe.resume:
+        resumed = ray.get(policy.load_rl_state.remote(state_dir))
+        if resumed is not None:
+            start, extra = resumed
+            sampler.load(extra["sampler"])
+        p.logger.truncate_after(phase, start)
+    refill = g.prompts_per_step * g.max_refill_rounds if g.dynamic_sampling else 0
+    eval_rows = rows_of(p.recipe.eval.data) if cfg.eval_every else []
+    bar = tqdm(range(start, cfg.steps), desc=phase, initial=start, total=cfg.steps, dynamic_ncols=True)
+    for step in bar:
+        batch = [rows[i] for i in sampler.take(g.prompts_per_step)]
+        pool = [rows[i] for i in sampler.take(refill)] if refill else None
+        metrics = ray.get(policy.rl_step.remote(batch, pool))
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            metrics.update(ray.get(policy.rl_evaluate.remote(eval_rows, p.recipe.eval.max_new_tokens,
+                                                             p.recipe.eval.answer_mode)))
+        p.logger.log(phase, step + 1, metrics)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}")
+        if (step + 1) % p.recipe.checkpoint_every == 0 or step + 1 == cfg.steps:
+            ray.get(policy.save_rl_state.remote(state_dir, step + 1, {"sampler": sampler.state()}))
+    ray.get(policy.save_pretrained.remote(str(p.ckpt(phase))))
+    for worker in (reward, reference):
+        if worker is not None:
+            ray.kill(worker)
+    p.progress.complete(phase, {"steps": cfg.steps})
+
+
+@PHASE_RUNNERS.register(RL_REASON)
+def run_reason(p: Pipeline) -> None:
+    """Stage 1: reasoning with verifiable rewards."""
+    run_stage(p, RL_REASON, p.recipe.rl_reason)
+
+
+@PHASE_RUNNERS.register(RL_PREF)
+def run_pref(p: Pipeline) -> None:
+    """Stage 2: preference, ``r = c1 * helpful + c2 * safety + c3 * rule``."""
+    run_stage(p, RL_PREF, p.recipe.rl_pref)

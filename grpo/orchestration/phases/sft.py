@@ -1,0 +1,34 @@
+"""The ``sft`` phase: supervised fine-tuning of the policy on the recipe's data, resumable step by step."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from grpo.data.loading import rows_of
+from grpo.orchestration.phases.registry import PHASE_RUNNERS
+from grpo.phases import SFT
+
+if TYPE_CHECKING:
+    from grpo.orchestration.controller import Pipeline
+
+
+@PHASE_RUNNERS.register(SFT)
+def run(p: Pipeline) -> None:
+    """Fine-tunes the policy worker's model on ``sft.data``; saves ``checkpoints/sft``."""
+    import ray
+
+    cfg = p.recipe.sft
+    rows = [row for spec in cfg.data for row in rows_of(spec)]
+    policy = p.policy_worker()
+    state_dir = p.run_dir / "state" / "sft"
+    if p.recipe.resume:
+        latest = (state_dir / "latest")
+        p.logger.truncate_after("sft", int(latest.read_text().split("_")[1]) if latest.exists() else 0)
+    train = dataclasses.replace(cfg.train, seed=p.recipe.seed + cfg.train.seed)
+    history = ray.get(policy.sft.remote(rows, train, str(state_dir), p.recipe.checkpoint_every,
+                                        p.recipe.resume))
+    for m in history:
+        p.logger.log("sft", int(m.pop("step")), m)
+    ray.get(policy.save_pretrained.remote(str(p.ckpt("sft"))))
+    p.progress.complete("sft", {"steps": len(history)})

@@ -1,0 +1,154 @@
+"""The pipeline end to end on Ray: a kill mid-phase resumes to the uninterrupted result; recipes validate;
+rollout workers spread over a 2-node cluster."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpo.orchestration.recipe import RecipeError, bundled_recipes, load_recipe
+from tests.helpers import ROOT
+from tests.helpers.cli import child_env, grpo_cmd, run_grpo
+from tests.helpers.recipes import ARITH, logged, micro_recipe
+
+
+def rl_metrics(run_dir: Path):
+    skip = ("time", "tokens_per_s")
+    return [{k: v for k, v in r.items() if not k.startswith(skip)} for r in logged(run_dir, "rl_reason")]
+
+
+def test_recipe_errors_name_the_key():
+    with pytest.raises(RecipeError, match=r"recipe key 'rl_reason.grpo.group_size': expected int, got 'x'"):
+        load_recipe(None, ["rl_reason.grpo.group_size=x"])
+    with pytest.raises(RecipeError, match=r"unknown recipe key\(s\) rl_reason.stepz"):
+        load_recipe(None, ["rl_reason.stepz=3"])
+    with pytest.raises(RecipeError, match=r"minibatch_size \(48\) must divide prompts_per_step \* group_size"):
+        load_recipe(None, ["rl_reason.grpo.minibatch_size=48"])
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe("no_such_recipe")
+    with pytest.raises(RecipeError, match=r"'rl_pref.grpo.lr': expected float, got 'fast'"):
+        load_recipe(None, ["rl_pref.grpo.lr=fast"])
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    # YAML 1.1 (PyYAML) reads ``1e-4`` as a string; a float-typed key takes it as the number it means
+    recipe = load_recipe(None, ["rl_pref.grpo.lr=1e-4", "rl_reason.grpo.lr=3E-5"])
+    assert recipe.rl_pref.grpo.lr == 1e-4 and recipe.rl_reason.grpo.lr == 3e-5
+
+
+def test_every_bundled_recipe_parses():
+    names = sorted(bundled_recipes())
+    assert {"tiny", "hf_grpo", "deepseek_v2_lite"} <= set(names)
+    for name in names:
+        load_recipe(name)
+
+
+@pytest.mark.slow
+def test_kill_mid_phase_then_resume_matches_uninterrupted(tmp_path):
+    # A micro step takes ~0.1 s, so the phase runs many steps and the kill lands on whatever step is in flight
+    # once a step-2 (or later) checkpoint exists.
+    steps = 24
+    full = micro_recipe(tmp_path / "a", steps)
+    run_grpo("run", str(full), timeout=600)
+
+    killed = micro_recipe(tmp_path / "b", steps)
+    log = (tmp_path / "killed.log").open("w")  # the killed run's output, shown if it ends before the kill
+    proc = subprocess.Popen(grpo_cmd("run", str(killed)), env=child_env(), cwd=ROOT, start_new_session=True,
+                            stdout=log, stderr=subprocess.STDOUT)
+    latest = tmp_path / "b" / "micro" / "state" / "rl_reason" / "latest"
+
+    def saved_step() -> int:
+        text = latest.read_text().strip() if latest.exists() else ""
+        return int(text.removeprefix("step_")) if text else 0
+
+    deadline = time.time() + 600
+    while saved_step() < 2:
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-4000:])
+        assert time.time() < deadline, "no step-2 checkpoint appeared"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and every worker
+    proc.wait()
+    assert not (tmp_path / "b" / "micro" / "checkpoints" / "rl_reason").exists()
+    assert not list((tmp_path / "b" / "micro" / "state" / "rl_reason").glob(".*.tmp"))
+
+    run_grpo("run", str(killed), "resume=true", timeout=600)
+    a, b = rl_metrics(tmp_path / "a" / "micro"), rl_metrics(tmp_path / "b" / "micro")
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b):
+        for key, value in ra.items():
+            if isinstance(value, float):
+                assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (ra["step"], key)
+    wa = load_file(str(tmp_path / "a" / "micro" / "checkpoints" / "rl_reason" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "micro" / "checkpoints" / "rl_reason" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_rollout_workers_spread_over_two_nodes(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from grpo.orchestration.controller import Pipeline
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        path = micro_recipe(tmp_path, steps=1, ray={"address": cluster.address, "num_rollout_workers": 2})
+        recipe = load_recipe(str(path), ["phases=[rl_reason]"])
+        ray.init(address=cluster.address)
+        pipeline = Pipeline(recipe)
+        pipeline.run()
+        nodes = ray.get([w.node_id.remote() for w in pipeline.rollouts])
+        assert len(set(nodes)) == 2, nodes
+        assert (recipe.run_dir / "checkpoints" / "rl_reason" / "config.json").exists()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_short_full_pipeline_writes_report_and_loadable_checkpoints(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pref = {"source": "builtin:safety", "n": 16}
+    rm_train = {"learning_rate": 1e-3, "batch_size": 8, "max_length": 64, "progress": False}
+    path = micro_recipe(
+        tmp_path, steps=2,
+        phases=["sft", "rl_reason", "rm", "rl_pref", "eval"],
+        rm={"models": {"helpful": {"data": {"source": "builtin:helpfulness", "schema": "preference", "n": 32},
+                                   "train": rm_train},
+                       "safety": {"data": {**pref, "schema": "preference", "n": 32}, "train": rm_train}}},
+        rl_pref={"data": pref, "steps": 2,
+                 "rewards": [{"name": "rm:helpful", "weight": 0.5},
+                             {"name": "rm:safety", "weight": 0.5, "when": {"category": "harmful"}},
+                             {"name": "format", "weight": 0.2}],
+                 "grpo": {"group_size": 4, "prompts_per_step": 2, "minibatch_size": 8, "micro_batch_size": 8,
+                          "lr": 1e-3, "beta": 0.0, "max_new_tokens": 12, "total_steps": 2}},
+        eval={"data": {**ARITH, "split": "test", "n": 8}, "pref_data": {**pref, "split": "test", "n": 4},
+              "max_new_tokens": 12},
+    )
+    run_grpo("run", str(path))
+    run = tmp_path / "micro"
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["phases"]) == ["base", "sft", "rl_reason", "rl_pref"]
+    for phase in report["phases"].values():
+        assert 0.0 <= phase["accuracy"] <= 1.0
+        names = {"preference", "rm:helpful", "rm:safety", "format"}
+        assert names | {f"{n} (sampled)" for n in names} <= set(phase["rewards"])
+    assert report["alignment_tax"] is not None
+    assert (run / "report.md").read_text().count("| rl_pref |") == 1
+    assert (run / "plots" / "reward.png").exists()
+    phases = {json.loads(line)["phase"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert {"sft", "rl_reason", "rm", "rl_pref", "eval"} <= phases
+    for name in ("sft", "rl_reason", "rl_pref"):
+        AutoModelForCausalLM.from_pretrained(run / "checkpoints" / name)
+    assert not (run / "offload").exists()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.moe import naive_moe_layer
 from kernels.token_logprobs import naive_token_logprobs
 
 Outputs = tuple[torch.Tensor, ...]
@@ -148,16 +149,6 @@ def token_logprobs_cases(n: int, h: int, v: int, dtype, device, compile_naive: b
     return [Case(name, impl, "fwd", fwd(fn)) for impl, fn in impls] + [
         Case(name, impl, "fwd+bwd", fwd_bwd(fn)) for impl, fn in impls
     ]
-
-
-def naive_moe_layer(hidden, expert_ids, weights, w_gate_up, w_down):
-    """DeepSeek-V3's loop: each expert on its tokens, weighted by their gates, added back."""
-    y = torch.zeros_like(hidden)
-    for e in range(w_gate_up.shape[0]):
-        idx, top = torch.where(expert_ids == e)
-        gate, up = (hidden[idx] @ w_gate_up[e].T).chunk(2, dim=-1)
-        y = y.index_add(0, idx, ((F.silu(gate) * up) @ w_down[e].T) * weights[idx, top, None])
-    return y
 
 
 def grouped_mm_layer(hidden, expert_ids, weights, w_gate_up, w_down):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from grpo import advantages, losses
+from model.registry import check_fields
 
 
 @dataclass
@@ -157,8 +158,5 @@ class GRPOConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GRPOConfig:
         """Builds a config, naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GRPO setting(s) {unknown}; known: {sorted(known)}")
+        check_fields(cls, values, "GRPO setting(s)")
         return cls(**values)

@@ -118,6 +118,28 @@ def torch_grouped_mlp(
     return torch.cat(outs) if outs else permuted.new_zeros(permuted.shape)
 
 
+
+def naive_moe_layer(
+    hidden: torch.Tensor,  # [T, H]
+    expert_ids: torch.Tensor,  # [T, K]
+    routing_weights: torch.Tensor,  # [T, K]
+    w_gate_up: torch.Tensor,  # [E, 2I, H]
+    w_down: torch.Tensor,  # [E, H, I]
+) -> torch.Tensor:
+    """DeepSeek-V3's loop, independent of the three ops: each expert on its tokens, weighted by their gates.
+
+    The reference a whole ``moe_permute -> grouped_mlp -> moe_unpermute`` layer is tested and benchmarked against.
+
+    Returns:
+        ``[T, H]``: ``out[t] = sum_k routing_weights[t, k] * mlp_{expert_ids[t, k]}(hidden[t])``.
+    """
+    y = torch.zeros_like(hidden)
+    for e in range(w_gate_up.shape[0]):
+        idx, top = torch.where(expert_ids == e)
+        gate, up = (hidden[idx] @ w_gate_up[e].T).chunk(2, dim=-1)
+        y = y.index_add(0, idx, ((F.silu(gate) * up) @ w_down[e].T) * routing_weights[idx, top, None])
+    return y
+
 _PERMUTE = KernelOp("moe_permute", torch_moe_permute, "kernels.triton_impl.moe:triton_moe_permute")
 _UNPERMUTE = KernelOp("moe_unpermute", torch_moe_unpermute, "kernels.triton_impl.moe:triton_moe_unpermute")
 _GROUPED_MLP = KernelOp("grouped_mlp", torch_grouped_mlp, "kernels.triton_impl.moe:triton_grouped_mlp")

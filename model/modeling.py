@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+import kernels
 from model import checkpoint as hf_checkpoint
 from model.cache import LatentKVCache
 from model.config import SCORING_FUNCS, TOPK_METHODS, DeepSeekConfig, yarn_get_mscale
@@ -440,10 +441,10 @@ class MLA(nn.Module):
         return out.view(self.n_heads, b, t, self.d_v).permute(1, 2, 0, 3).reshape(b, t, self.n_heads * self.d_v)
 
     def _attend_one(self, q: Tensor, latent: Tensor, keep: Tensor | None) -> Tensor:
-        """One query per row and head over the latents, as two batched matmuls and a softmax (at one query
-        per row this beats the fused kernel, whose per-call setup dominates). :func:`kernels.mla_decode`
-        computes the same from separate ``c_kv`` / ``k_pe``; on CPU its two score products, validation and
-        empty-row handling cost more per call than this one product over the joint latents.
+        """One query per row and head over the latents. Where the kernels' backend is Triton (CUDA, or
+        ``KERNELS_BACKEND=triton``) this is :func:`kernels.mla_decode`, the fused split-K decode kernel;
+        elsewhere two batched matmuls and a softmax over the joint latents (on CPU the kernel's reference, with
+        its two score products, validation and empty-row handling, costs more per call than this one product).
 
         Args:
             q: ``[B, H, d_c + d_h^R]`` absorbed queries.
@@ -453,6 +454,11 @@ class MLA(nn.Module):
         Returns:
             ``[B, H, d_c]``: the attention-weighted latents.
         """
+        if kernels.backend(q.device) == "triton":  # the fused decode kernel (CUDA, or KERNELS_BACKEND=triton)
+            d_c = self.kv_lora_rank
+            mask = None if keep is None else keep.view(keep.shape[0], -1)  # [B, S]
+            return kernels.mla_decode(q[..., :d_c], q[..., d_c:], latent[..., :d_c], latent[..., d_c:], mask,
+                                      self.scale)
         keys = latent.transpose(1, 2)  # [B, d_c + d_h^R, S]
         if keep is None:
             scores = torch.bmm(q, keys).mul_(self.scale)  # [B, H, S]
@@ -707,9 +713,21 @@ def _experts_grouped_mm(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable
     return torch._grouped_mm(act(g) * u, down.transpose(1, 2), offs=offs)
 
 
+def _experts_triton(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable[[Tensor], Tensor],
+                    counts: Tensor) -> Tensor:
+    """The same with :func:`kernels.grouped_mlp` (Triton's grouped GEMM, fused SwiGLU); SwiGLU experts only."""
+    if act is not F.silu:
+        raise ValueError("the grouped-GEMM kernel computes SwiGLU experts (hidden_act 'silu'); use impl 'loop'")
+    return kernels.grouped_mlp(xs, counts, gate_up, down)
+
+
 def _experts_auto(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable[[Tensor], Tensor],
                   counts: Tensor) -> Tensor:
-    """``grouped_mm`` on CUDA, ``loop`` elsewhere (what measured fastest; ``benchmarks/bench_model.py``)."""
+    """The Triton grouped GEMM where the kernels' backend is Triton (CUDA, or ``KERNELS_BACKEND=triton``) and the
+    experts are SwiGLU; else ``grouped_mm`` on CUDA and ``loop`` elsewhere (what measured fastest on those;
+    ``benchmarks/bench_model.py``)."""
+    if act is F.silu and kernels.backend(xs.device) == "triton":
+        return _experts_triton(xs, gate_up, down, act, counts)
     impl = _experts_grouped_mm if xs.is_cuda else _experts_loop
     return impl(xs, gate_up, down, act, counts)
 
@@ -718,6 +736,7 @@ EXPERT_IMPLS: dict[str, Callable[..., Tensor]] = {
     "auto": _experts_auto,
     "loop": _experts_loop,
     "grouped_mm": _experts_grouped_mm,
+    "triton": _experts_triton,
 }
 
 
@@ -1042,8 +1061,9 @@ class DeepSeekForCausalLM(nn.Module):
         self.model.update_router_bias(gamma)
 
     def set_experts_impl(self, name: str) -> None:
-        """Chooses the routed-expert kernel: ``auto`` (default: ``grouped_mm`` on CUDA, else ``loop``),
-        ``loop`` (per-expert matmuls over slices) or ``grouped_mm`` (``torch._grouped_mm``)."""
+        """Chooses the routed-expert kernel: ``auto`` (default: the Triton grouped GEMM where the kernels'
+        backend is Triton, else ``grouped_mm`` on CUDA and ``loop`` elsewhere), ``loop`` (per-expert matmuls over
+        slices), ``grouped_mm`` (``torch._grouped_mm``) or ``triton`` (:func:`kernels.grouped_mlp`)."""
         if name not in EXPERT_IMPLS:
             raise ValueError(f"experts impl: expected one of {', '.join(EXPERT_IMPLS)}, got {name!r}")
         for module in self.modules():

@@ -11,8 +11,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -107,3 +108,26 @@ def import_dotted(path: str) -> Any:
             raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})")
         obj = getattr(obj, part)
     return obj
+
+
+def check_fields(cls: type, values: Mapping[str, Any], what: str, *, context: str = "", prefix: str = "",
+                 known_label: str = "known", error: type[Exception] = ValueError) -> None:
+    """Refuses the keys of ``values`` that are not init fields of the dataclass ``cls``, with one message that names
+    them and lists the fields: ``unknown {what} {keys}{context}; {known_label}: {fields}``.
+
+    Every config that is built from a mapping (recipe sections, GRPO settings, data and reward specs, built-in
+    task options) checks its keys here, so an unknown key reads the same everywhere.
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Opt:
+        ...     lr: float = 0.1
+        >>> check_fields(Opt, {"lr": 1, "lrr": 2}, "option(s)")
+        Traceback (most recent call last):
+        ValueError: unknown option(s) lrr; known: lr
+    """
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise error(f"unknown {what} {', '.join(prefix + u for u in unknown)}{context}; {known_label}: "
+                    f"{', '.join(names)}")

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model.registry import Registry
+from model.registry import Registry, check_fields
 from rewards.protocol import ON_ERROR_POLICIES, OnError, RewardError, Scores, call_reward
 from rewards.registry import get_reward
 
@@ -87,10 +87,7 @@ class RewardSpec:
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> RewardSpec:
         """Builds a spec from a recipe mapping, naming unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"unknown reward spec key(s) {unknown} in {dict(spec)!r}; expected {sorted(known)}")
+        check_fields(cls, spec, "reward spec key(s)", context=f" in {dict(spec)!r}")
         return cls(**spec)
 
     def __post_init__(self) -> None:

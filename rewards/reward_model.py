@@ -144,9 +144,12 @@ class RewardModel(nn.Module):
             Face names (then ``"auto"`` reloads them with transformers).
         hf_weights: Yields the backbone's ``(HF name, tensor)`` pairs, for backbones whose own tensor names
             differ from the Hugging Face layout (see :func:`load_backbone`).
+        seed: Seed of the score head's initialisation (normal, std ``initializer_range``); ``None`` draws from
+            torch's global generator, whose state depends on whatever ran before in the process.
     """
 
-    def __init__(self, backbone: nn.Module, loader: str = "auto", hf_weights: NamedTensors | None = None) -> None:
+    def __init__(self, backbone: nn.Module, loader: str = "auto", hf_weights: NamedTensors | None = None,
+                 seed: int | None = None) -> None:
         super().__init__()
         hidden = getattr(getattr(backbone, "config", None), "hidden_size", None)
         if not isinstance(hidden, int):
@@ -156,7 +159,8 @@ class RewardModel(nn.Module):
         self._hf_weights = hf_weights
         self.score = nn.Linear(hidden, 1, bias=False)
         std = getattr(backbone.config, "initializer_range", 0.02)
-        nn.init.normal_(self.score.weight, std=std)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        nn.init.normal_(self.score.weight, std=std, generator=generator)
 
     @property
     def config(self) -> Any:
@@ -180,10 +184,12 @@ class RewardModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_causal_lm(cls, path: str | Path, loader: str = "auto", **kwargs: Any) -> RewardModel:
-        """A reward model initialised from a causal-LM checkpoint folder (the LM head is dropped)."""
+    def from_causal_lm(cls, path: str | Path, loader: str = "auto", seed: int | None = None,
+                       **kwargs: Any) -> RewardModel:
+        """A reward model initialised from a causal-LM checkpoint folder (the LM head is dropped); ``seed`` seeds
+        the new score head, ``kwargs`` go to the backbone loader."""
         backbone, hf_weights = load_backbone(path, loader, **kwargs)
-        return cls(backbone, loader=loader, hf_weights=hf_weights)
+        return cls(backbone, loader=loader, hf_weights=hf_weights, seed=seed)
 
     def _named_weights(self) -> tuple[dict[str, torch.Tensor], bool]:
         """Tensors to save (backbone with HF names plus ``score.weight``) and whether the names are HF names."""

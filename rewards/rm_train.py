@@ -37,7 +37,7 @@ class RewardModelTrainConfig:
         max_length: Longest sequence (longer ones keep their last tokens).
         max_grad_norm: Gradient-norm clip (``None``: no clipping).
         warmup_steps: Linear learning-rate warm-up steps.
-        seed: Seed of the shuffling.
+        seed: Seed of the score head's initialisation (from a checkpoint) and of the shuffling.
         device: Where to train.
         eval_batch_size: Pairs per evaluation batch.
         progress: Show a tqdm progress bar.
@@ -197,8 +197,9 @@ def train_reward_model_from_checkpoint(init_path: str | Path, output_path: str |
                                        eval_pairs: Iterable[Mapping[str, Any]] | None = None,
                                        loader: str = "auto") -> RewardModelTrainResult:
     """Initialises a reward model from a causal-LM checkpoint, trains it, saves it (with the tokenizer)."""
+    config = config or RewardModelTrainConfig()
     tokenizer = AutoTokenizer.from_pretrained(str(init_path))
-    model = RewardModel.from_causal_lm(init_path, loader=loader)
+    model = RewardModel.from_causal_lm(init_path, loader=loader, seed=config.seed)
     result = train_reward_model(model, tokenizer, train_pairs, config, eval_pairs)
     model.save_pretrained(output_path, tokenizer=tokenizer)
     return result

@@ -159,6 +159,25 @@ class RolloutEngine(abc.ABC):
         return type(self).__name__
 
 
+
+def decode_completion(tokenizer: Any, tokens: Sequence[int], stop_ids: Iterable[int]) -> str:
+    """The text of a completion without its trailing stop tokens (``""`` for an engine without a tokenizer).
+
+    Special tokens other than the trailing stops stay in the text: the reasoning tags may be special tokens.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer, or ``None``.
+        tokens: The completion's token ids.
+        stop_ids: Token ids that end a completion (EOS and the sampling config's stop tokens).
+    """
+    if tokenizer is None:
+        return ""
+    stops = set(stop_ids)
+    end = len(tokens)
+    while end and tokens[end - 1] in stops:
+        end -= 1
+    return tokenizer.decode(list(tokens[:end]), skip_special_tokens=False)
+
 ENGINES: Registry[str] = Registry("rollout engine")
 ENGINES.register_lazy("torch", "rollout.torch_engine:TorchEngine")
 ENGINES.register_lazy("vllm", "rollout.vllm_engine:VLLMEngine")

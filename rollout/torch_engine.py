@@ -22,7 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from model import DeepSeekForCausalLM, LatentKVCache
-from rollout.base import Rollout, RolloutEngine, SamplingConfig
+from rollout.base import Rollout, RolloutEngine, SamplingConfig, decode_completion
 from rollout.loading import load_causal_lm, load_tokenizer
 from rollout.offload import Offloader
 from rollout.sampling import sample_next
@@ -216,18 +216,11 @@ class TorchEngine(RolloutEngine):
                 completion_ids=completions[g],
                 logprobs=logprobs[g] if sampling.logprobs else [],
                 finish_reason=finish[g],  # type: ignore[arg-type]
-                text=self._decode(completions[g], stop_ids),
+                text=decode_completion(self.tokenizer, completions[g], stop_ids),
                 prompt_index=g // n,
             )
             for g in range(rows.numel())
         ]
-
-    def _decode(self, tokens: list[int], stop_ids: set[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        while tokens and tokens[-1] in stop_ids:
-            tokens = tokens[:-1]
-        return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
     # -- weights and memory -----------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from rollout.base import Rollout, RolloutEngine, SamplingConfig
+from rollout.base import Rollout, RolloutEngine, SamplingConfig, decode_completion
 from rollout.loading import has_tokenizer
 from rollout.weights import layer_key
 
@@ -323,7 +323,7 @@ class VLLMEngine(RolloutEngine):
             logprobs = [float(sample.logprobs[j][t].logprob) for j, t in enumerate(ids)]
         return Rollout(prompt_ids=list(prompt), completion_ids=ids, logprobs=logprobs,
                        finish_reason="length" if sample.finish_reason == "length" else "stop",
-                       text=self._decode(ids, stop_ids), prompt_index=index)
+                       text=decode_completion(self.tokenizer, ids, stop_ids), prompt_index=index)
 
     def _rescore(self, rollouts: list[Rollout]) -> None:
         """Replaces filtered (top-k/top-p/min_tokens) log-probs by the model's ``log_softmax(logits)``, in place."""
@@ -335,13 +335,6 @@ class VLLMEngine(RolloutEngine):
         for r, out in zip(rollouts, self._llm.generate(requests, params, use_tqdm=False)):
             start = len(r.prompt_ids)
             r.logprobs = [float(out.prompt_logprobs[start + j][t].logprob) for j, t in enumerate(r.completion_ids)]
-
-    def _decode(self, tokens: list[int], stop_ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        while tokens and tokens[-1] in stop_ids:
-            tokens = tokens[:-1]
-        return self.tokenizer.decode(tokens, skip_special_tokens=False)
 
     # -- weights and memory -----------------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -43,7 +43,7 @@ import datasets
 import pyarrow.parquet as pq
 
 from grpo.data import tasks
-from model.registry import Registry
+from model.registry import Registry, check_fields
 from sft.messages import to_messages
 
 BUILTIN_PREFIX = "builtin:"
@@ -101,10 +101,7 @@ class DataSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
         """Builds a spec from a mapping (a recipe section), refusing unknown keys."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise DataError(f"unknown data key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        check_fields(cls, d, "data key(s)", error=DataError)
         return cls(**d)
 
     def column(self, canonical: str) -> str:

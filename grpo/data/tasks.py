@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from model.registry import Registry
+from model.registry import Registry, check_fields
 from model.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, TAG_TOKENS, THINK_CLOSE, THINK_OPEN
 
 TASK_MARKERS: tuple[str, ...] = TAG_TOKENS
@@ -172,12 +172,7 @@ def _check_fraction(value: float) -> None:
 
 
 def _options(cls: type, task: str, options: dict[str, Any]) -> Any:
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for builtin task {task!r}; known: {', '.join(known)}"
-        )
+    check_fields(cls, options, "option(s)", context=f" for builtin task {task!r}")
     return cls(**options)
 
 

@@ -25,6 +25,7 @@ import yaml
 from grpo.config import GRPOConfig
 from grpo.data import DataSpec
 from grpo.phases import PHASES
+from model.registry import check_fields
 from rewards.answers import check_answer_mode
 from rewards.combine import RewardSpec
 from rewards.rm_train import RewardModelTrainConfig
@@ -340,10 +341,8 @@ def build(cls: type, data: Any, key: str = "") -> Any:
         raise RecipeError(f"recipe key {where!r}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        full = ", ".join(f"{key}.{u}" if key else u for u in unknown)
-        raise RecipeError(f"unknown recipe key(s) {full}; known under {where!r}: {', '.join(names)}")
+    check_fields(cls, data, "recipe key(s)", prefix=f"{key}." if key else "", known_label=f"known under {where!r}",
+                 error=RecipeError)
     kwargs = {name: _build_value(hints[name], data[name], f"{key}.{name}" if key else name)
               for name in names if name in data}
     try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.dispatch import interpreter_enabled
+from kernels.dispatch import interpreter_enabled, triton_available
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,22 @@ def assert_grad_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
     scale = max(want.norm().item(), 1e-30)
     limit = TOLERANCES[dtype].grad_rel
     assert err / scale <= limit, f"{what} ({dtype}): relative error {err / scale:.3e} > {limit:.1e}"
+
+
+use_triton_interpreter_off_gpu()  # on import: before the importing test module defines or imports a Triton kernel
+DEVICE = kernel_test_device()
+ON_GPU = DEVICE.type == "cuda"
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
+
+
+def fresh_process_test(test_file: str):
+    """A test for ``test_file`` that runs its Triton tests in a new process when this one cannot (see
+    :func:`triton_runs_in_process`): ``test_triton_in_fresh_process = fresh_process_test(__file__)``."""
+
+    @needs_triton
+    def test_triton_in_fresh_process() -> None:
+        if triton_runs_in_process():
+            pytest.skip("the Triton tests run in this process")
+        run_triton_tests_in_fresh_process(test_file)
+
+    return test_triton_in_fresh_process

@@ -7,20 +7,14 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.dispatch import triton_available
 from tests.helpers.kernels import (
+    DEVICE,
+    ON_GPU,
     assert_close,
-    kernel_test_device,
+    fresh_process_test,
+    needs_triton,
     require_triton_in_process,
-    run_triton_tests_in_fresh_process,
-    triton_runs_in_process,
-    use_triton_interpreter_off_gpu,
 )
-
-use_triton_interpreter_off_gpu()
-DEVICE = kernel_test_device()
-ON_GPU = DEVICE.type == "cuda"
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
 
 
 def make_inputs(b, hq, s, dc, dr, dtype, seed=0, device="cpu"):
@@ -97,12 +91,7 @@ def test_bad_input_is_named(kwargs, match):
         kernels.mla_decode(args["q"], args["qr"], args["c"], args["kr"], args["mask"], args["scale"])
 
 
-@needs_triton
-def test_triton_in_fresh_process():
-    """Runs this file's Triton tests in a new process when this one cannot (see triton_runs_in_process)."""
-    if triton_runs_in_process():
-        pytest.skip("the Triton tests run in this process")
-    run_triton_tests_in_fresh_process(__file__)
+test_triton_in_fresh_process = fresh_process_test(__file__)
 
 
 # ---- Triton (compiled on CUDA, interpreted on CPU) vs the reference in float64 ----

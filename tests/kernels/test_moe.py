@@ -1,25 +1,22 @@
 """MoE permutation and grouped MLP: hand-computed values, a per-expert loop, Triton vs the references."""
 
+import math
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kernels
 from kernels.dispatch import triton_available
+from kernels.moe import naive_moe_layer
 from tests.helpers.kernels import (
+    DEVICE,
+    ON_GPU,
     assert_close,
     assert_grad_close,
-    kernel_test_device,
+    fresh_process_test,
+    needs_triton,
     require_triton_in_process,
-    run_triton_tests_in_fresh_process,
-    triton_runs_in_process,
-    use_triton_interpreter_off_gpu,
 )
-
-use_triton_interpreter_off_gpu()
-DEVICE = kernel_test_device()
-ON_GPU = DEVICE.type == "cuda"
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
 
 
 def make_moe(t, k, e, h, i, dtype, seed=0, device="cpu", empty_expert=None):
@@ -45,16 +42,6 @@ def moe_layer(hidden, expert_ids, weights, w_gate_up, w_down, num_experts):
     permuted, order, counts = kernels.moe_permute(hidden, expert_ids, num_experts)
     expert_out = kernels.grouped_mlp(permuted, counts, w_gate_up, w_down)
     return kernels.moe_unpermute(expert_out, order, weights)
-
-
-def loop_moe_layer(hidden, expert_ids, weights, w_gate_up, w_down):
-    """DeepSeek-V3's reference loop: for each expert, its tokens, weighted by their gate."""
-    y = torch.zeros_like(hidden)
-    for e in range(w_gate_up.shape[0]):
-        idx, top = torch.where(expert_ids == e)
-        gate, up = (hidden[idx] @ w_gate_up[e].T).chunk(2, dim=-1)
-        y = y.index_add(0, idx, ((F.silu(gate) * up) @ w_down[e].T) * weights[idx, top, None])
-    return y
 
 
 def test_permute_hand_computed():
@@ -85,6 +72,22 @@ def test_grouped_mlp_hand_computed():
     assert out.item() == pytest.approx(-2.0 * silu.item() * 6.0, abs=1e-12)
 
 
+def test_naive_layer_hand_computed():
+    # H=1, I=1, E=2, K=2: out[t] = sum_k w[t,k] * down_e * silu(gate_e * x) * (up_e * x)
+    def mlp(x, gate, up, down):
+        return down * x * gate / (1 + math.exp(-gate * x)) * up * x
+
+    hidden = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    expert_ids = torch.tensor([[0, 1], [1, 0]])
+    weights = torch.tensor([[0.75, 0.25], [0.5, 0.5]], dtype=torch.float64)
+    w_gate_up = torch.tensor([[[1.0], [2.0]], [[-1.0], [3.0]]], dtype=torch.float64)  # [E, 2I, H]
+    w_down = torch.tensor([[[0.5]], [[2.0]]], dtype=torch.float64)  # [E, H, I]
+    out = naive_moe_layer(hidden, expert_ids, weights, w_gate_up, w_down)
+    e0, e1 = (1.0, 2.0, 0.5), (-1.0, 3.0, 2.0)
+    want = [0.75 * mlp(1.0, *e0) + 0.25 * mlp(1.0, *e1), 0.5 * mlp(2.0, *e1) + 0.5 * mlp(2.0, *e0)]
+    assert out.squeeze(1).tolist() == pytest.approx(want, abs=1e-12)
+
+
 @pytest.mark.parametrize(("backend", "dtype"), [("torch", torch.float64), ("triton", torch.float32)])
 def test_layer_matches_per_expert_loop(backend, dtype, monkeypatch):
     if backend == "triton" and not triton_available():
@@ -96,7 +99,7 @@ def test_layer_matches_per_expert_loop(backend, dtype, monkeypatch):
     args = make_moe(11, 3, 5, 8, 6, dtype, device=device, empty_expert=2)
     got = moe_layer(*args, num_experts=5)
     args64 = [a.detach().double().cpu().requires_grad_() if a.is_floating_point() else a.cpu() for a in args]
-    want = loop_moe_layer(*args64)
+    want = naive_moe_layer(*args64)
     assert_close(got.cpu(), want, dtype, "moe layer")
     grads = torch.autograd.grad(got.sum(), [args[0], args[2], args[3], args[4]])
     want_grads = torch.autograd.grad(want.sum(), [args64[0], args64[2], args64[3], args64[4]])
@@ -155,12 +158,7 @@ def test_bad_input_is_named(call, match):
         call()
 
 
-@needs_triton
-def test_triton_in_fresh_process():
-    """Runs this file's Triton tests in a new process when this one cannot (see triton_runs_in_process)."""
-    if triton_runs_in_process():
-        pytest.skip("the Triton tests run in this process")
-    run_triton_tests_in_fresh_process(__file__)
+test_triton_in_fresh_process = fresh_process_test(__file__)
 
 
 # ---- Triton (compiled on CUDA, interpreted on CPU) vs the PyTorch references ----

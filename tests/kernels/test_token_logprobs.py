@@ -6,22 +6,16 @@ import pytest
 import torch
 
 import kernels
-from kernels.dispatch import triton_available
 from kernels.token_logprobs import IGNORE_INDEX, naive_token_logprobs
 from tests.helpers.kernels import (
+    DEVICE,
+    ON_GPU,
     assert_close,
     assert_grad_close,
-    kernel_test_device,
+    fresh_process_test,
+    needs_triton,
     require_triton_in_process,
-    run_triton_tests_in_fresh_process,
-    triton_runs_in_process,
-    use_triton_interpreter_off_gpu,
 )
-
-use_triton_interpreter_off_gpu()
-DEVICE = kernel_test_device()
-ON_GPU = DEVICE.type == "cuda"
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
 
 
 def make_inputs(n, v, h, dtype, seed=0, device="cpu", ignore=(3,)):
@@ -172,12 +166,7 @@ def test_bad_input_is_named(kwargs, match):
         kernels.token_logprobs(args["hidden"], args["weight"], args["labels"], **extra)
 
 
-@needs_triton
-def test_triton_in_fresh_process():
-    """Runs this file's Triton tests in a new process when this one cannot (see triton_runs_in_process)."""
-    if triton_runs_in_process():
-        pytest.skip("the Triton tests run in this process")
-    run_triton_tests_in_fresh_process(__file__)
+test_triton_in_fresh_process = fresh_process_test(__file__)
 
 
 # ---- Triton (compiled on CUDA, interpreted on CPU) ----

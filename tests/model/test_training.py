@@ -143,5 +143,5 @@ def test_experts_impl_choice():
         model.set_experts_impl("grouped_mm")
         b = model(ids, attention_mask=mask, position_ids=pos).logits
     assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="experts impl: expected one of auto, loop, grouped_mm, got 'fast'"):
+    with pytest.raises(ValueError, match="experts impl: expected one of auto, loop, grouped_mm, triton, got 'fast'"):
         model.set_experts_impl("fast")

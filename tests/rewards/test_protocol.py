@@ -249,7 +249,7 @@ def test_combination_config_errors():
         combine({"a": text_length}, all_none="skip")
     with pytest.raises(ValueError, match="reward spec field 'name'"):
         RewardSpec(name="")
-    with pytest.raises(ValueError, match=r"unknown reward spec key\(s\) \['wieght'\]"):
+    with pytest.raises(ValueError, match=r"unknown reward spec key\(s\) wieght in .*; known: name, weight"):
         combine([{"name": "format", "wieght": 2.0}])
 
 

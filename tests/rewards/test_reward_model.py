@@ -153,6 +153,19 @@ def test_one_step_updates_every_parameter(causal_lm_dir, tokenizer):
     assert unchanged == []
 
 
+
+def test_training_from_a_checkpoint_depends_on_its_seed_not_on_the_global_generator(causal_lm_dir, tmp_path):
+    # A Ray worker's global generator holds whatever ran in that process before: the run must not see it.
+    pairs = preference_pairs(TASKS, 16, seed=4)
+    runs = {}
+    for global_seed, seed in ((1, 0), (2, 0), (1, 5)):
+        torch.manual_seed(global_seed)
+        config = RewardModelTrainConfig(learning_rate=1e-2, batch_size=8, max_length=64, seed=seed, progress=False)
+        result = train_reward_model_from_checkpoint(causal_lm_dir, tmp_path / f"{global_seed}-{seed}", pairs, config)
+        runs[global_seed, seed] = result.losses
+    assert runs[1, 0] == runs[2, 0]
+    assert runs[1, 0] != runs[1, 5]
+
 # ----------------------------------------------------------------------------------------------- end to end
 def test_training_beats_90_percent_on_held_out_pairs(trained):
     result, _, _ = trained

@@ -7,7 +7,7 @@ import torch
 
 from grpo.data import load_data, tasks
 from sft.trainer import SFTConfig, SFTTrainer, warmup_cosine
-from tests.helpers.chat import char_tokenizer, tiny_llama
+from tests.helpers.chat import tiny_llama
 
 FORMAT = re.compile(r"^<think>[^<]+</think><answer>-?\d+</answer><\|end\|>$")
 
@@ -34,11 +34,6 @@ def test_config_validation():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def rows():
     return tasks.arithmetic(64, seed=0)
 
@@ -47,10 +42,10 @@ def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_grad_accumulation_matches_one_big_batch(tok, rows):
-    big = SFTTrainer(tiny_llama(len(tok)), tok, rows[:16], SFTConfig(lr=1e-2, batch_size=16, progress=False))
+def test_grad_accumulation_matches_one_big_batch(chat_tok, rows):
+    big = SFTTrainer(tiny_llama(len(chat_tok)), chat_tok, rows[:16], SFTConfig(lr=1e-2, batch_size=16, progress=False))
     small = SFTTrainer(
-        tiny_llama(len(tok)), tok, rows[:16], SFTConfig(lr=1e-2, batch_size=4, grad_accum=4, progress=False)
+        tiny_llama(len(chat_tok)), chat_tok, rows[:16], SFTConfig(lr=1e-2, batch_size=4, grad_accum=4, progress=False)
     )
     grads = {}
     for name, trainer in (("big", big), ("small", small)):  # the accumulated gradient, as the optimizer sees it
@@ -72,10 +67,10 @@ def test_grad_accumulation_matches_one_big_batch(tok, rows):
         torch.testing.assert_close(v, small.model.state_dict()[k], rtol=1e-5, atol=1e-5)
 
 
-def test_every_example_once_per_epoch_and_schedule(tok, rows):
+def test_every_example_once_per_epoch_and_schedule(chat_tok, rows):
     trainer = SFTTrainer(
-        tiny_llama(len(tok)),
-        tok,
+        tiny_llama(len(chat_tok)),
+        chat_tok,
         rows,
         SFTConfig(lr=1e-2, batch_size=5, grad_accum=2, epochs=2, warmup_ratio=0.25, progress=False),
     )
@@ -93,11 +88,11 @@ def test_every_example_once_per_epoch_and_schedule(tok, rows):
         trainer.train_step()
 
 
-def test_hooks_are_called(tok, rows):
+def test_hooks_are_called(chat_tok, rows):
     saved, logged = [], []
     trainer = SFTTrainer(
-        tiny_llama(len(tok)),
-        tok,
+        tiny_llama(len(chat_tok)),
+        chat_tok,
         rows[:24],
         SFTConfig(lr=1e-2, batch_size=4, log_every=2, progress=False),
         save_fn=lambda t: saved.append(t.step),
@@ -109,25 +104,25 @@ def test_hooks_are_called(tok, rows):
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_resume_from_state_dict_gives_the_same_final_weights(tok, rows, packing):
+def test_resume_from_state_dict_gives_the_same_final_weights(chat_tok, rows, packing):
     config = SFTConfig(lr=1e-2, batch_size=4, grad_accum=2, epochs=2, max_length=96, packing=packing, progress=False)
 
     def model(seed=1):  # dropout on, so the restored RNG state matters
-        m = tiny_llama(len(tok), seed=seed)
+        m = tiny_llama(len(chat_tok), seed=seed)
         m.config.attention_dropout = 0.1
         for layer in m.model.layers:
             layer.self_attn.attention_dropout = 0.1
         return m
 
-    full = SFTTrainer(model(), tok, rows[:40], config)
+    full = SFTTrainer(model(), chat_tok, rows[:40], config)
     full.train()
-    first = SFTTrainer(model(), tok, rows[:40], config)
+    first = SFTTrainer(model(), chat_tok, rows[:40], config)
     first.train(until_step=3)
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     torch.manual_seed(123)  # disturb the global RNG: the state must restore it
-    resumed = SFTTrainer(model(seed=2), tok, rows[:40], config)
+    resumed = SFTTrainer(model(seed=2), chat_tok, rows[:40], config)
     resumed.load_state_dict(torch.load(buffer, weights_only=False))
     assert resumed.step == 3
     resumed.train()
@@ -135,7 +130,7 @@ def test_resume_from_state_dict_gives_the_same_final_weights(tok, rows, packing)
     for k, v in weights(full.model).items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     # the same resume without the RNG state would differ (dropout draws), so the check above can fail
-    bad = SFTTrainer(model(), tok, rows[:40], config)
+    bad = SFTTrainer(model(), chat_tok, rows[:40], config)
     state = first.state_dict()
     state["rng"]["torch"] = torch.manual_seed(7).get_state()
     bad.load_state_dict(state)
@@ -143,34 +138,35 @@ def test_resume_from_state_dict_gives_the_same_final_weights(tok, rows, packing)
     assert any(not torch.equal(v, bad.model.state_dict()[k]) for k, v in weights(full.model).items())
 
 
-def test_resume_refuses_other_data(tok, rows):
+def test_resume_refuses_other_data(chat_tok, rows):
     config = SFTConfig(lr=1e-2, batch_size=4, progress=False)
-    state = SFTTrainer(tiny_llama(len(tok)), tok, rows[:20], config).state_dict()
+    state = SFTTrainer(tiny_llama(len(chat_tok)), chat_tok, rows[:20], config).state_dict()
     with pytest.raises(ValueError, match="saved with n_examples=20, this trainer has n_examples=24"):
-        SFTTrainer(tiny_llama(len(tok)), tok, rows[:24], config).load_state_dict(state)
+        SFTTrainer(tiny_llama(len(chat_tok)), chat_tok, rows[:24], config).load_state_dict(state)
 
 
-def test_sft_on_arithmetic_learns_the_format(tok):
+def test_sft_on_arithmetic_learns_the_format(chat_tok):
     # One-operation problems: 200 rows, 90 steps of 32 (about 14 epochs) on a 2-layer, 32-wide Llama.
     options = {"max_ops": 1}
     data = load_data("builtin:arithmetic", n=200, seed=0, schema="sft", options=options)
-    model = tiny_llama(len(tok), hidden=32)
+    model = tiny_llama(len(chat_tok), hidden=32)
     config = SFTConfig(lr=2e-2, batch_size=32, epochs=100, max_steps=90, warmup_ratio=0.1, progress=False)
-    history = SFTTrainer(model, tok, data, config).train()
+    history = SFTTrainer(model, chat_tok, data, config).train()
     assert len(history) == 90
     first, last = history[0].loss, sum(m.loss for m in history[-5:]) / 5
     assert last < 0.5 * first, (first, last)
     model.eval()
     test = load_data("builtin:arithmetic", n=8, seed=0, split="test", schema="sft", options=options)
     for row in test:
-        prompt = tok.apply_chat_template(
+        prompt = chat_tok.apply_chat_template(
             [{"role": "user", "content": row["prompt"]}],
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
         )
         out = model.generate(
-            **prompt, max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+            **prompt, max_new_tokens=40, do_sample=False, eos_token_id=chat_tok.eos_token_id,
+            pad_token_id=chat_tok.pad_token_id
         )
-        text = tok.decode(out[0, prompt["input_ids"].shape[1] :])
+        text = chat_tok.decode(out[0, prompt["input_ids"].shape[1] :])
         assert FORMAT.match(text), text

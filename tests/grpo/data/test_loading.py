@@ -146,30 +146,31 @@ def test_bad_csv_row_names_row_and_field(tmp_path):
         load_data(str(tmp_path / "q.csv"))
 
 
-def test_file_level_errors(tmp_path, sources):
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(DataError, match=r"empty\.jsonl is empty"):
-        load_data(str(tmp_path / "empty.jsonl"))
-    (tmp_path / "blank.jsonl").write_text("\n\n")
-    with pytest.raises(DataError, match=r"blank\.jsonl is empty"):
-        load_data(str(tmp_path / "blank.jsonl"))
-    (tmp_path / "header.csv").write_text("prompt,answer\n")
-    with pytest.raises(DataError, match=r"header\.csv is empty \(no rows\)"):
-        load_data(str(tmp_path / "header.csv"))
-    (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(DataError, match=r"unsupported file type '\.txt'; supported: \.csv, \.json, \.jsonl"):
-        load_data(str(tmp_path / "x.txt"))
-    with pytest.raises(DataError, match=r"data file .*missing\.jsonl does not exist"):
-        load_data(str(tmp_path / "missing.jsonl"))
+@pytest.mark.parametrize(
+    ("name", "text", "error"),
+    [
+        ("empty.jsonl", "", r"empty\.jsonl is empty"),
+        ("blank.jsonl", "\n\n", r"blank\.jsonl is empty"),
+        ("header.csv", "prompt,answer\n", r"header\.csv is empty \(no rows\)"),
+        ("x.txt", "hi", r"unsupported file type '\.txt'; supported: \.csv, \.json, \.jsonl"),
+        ("j.json", '[{"prompt": "a"},\n {"prompt" "b"}]', r"j\.json line 2: malformed JSON"),
+        ("missing.jsonl", None, r"data file .*missing\.jsonl does not exist"),
+    ],
+)
+def test_bad_file_names_the_file_and_what_is_wrong(tmp_path, name, text, error):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=error):
+        load_data(str(tmp_path / name))
+
+
+def test_column_split_and_option_errors_name_the_source(sources):
     with pytest.raises(DataError, match=r"d\.jsonl: column 'prompt' not found .*columns: question, solution, id"):
         load_data(str(sources[0]))
     with pytest.raises(DataError, match=r"is a single file \(split 'train'\); split 'test' was asked for"):
         load_data(str(sources[1]), split="test", prompt_column="question")
     with pytest.raises(DataError, match="options .* apply to builtin tasks only"):
         load_data(str(sources[1]), prompt_column="question", options={"digits": 1})
-    (tmp_path / "j.json").write_text('[{"prompt": "a"},\n {"prompt" "b"}]')
-    with pytest.raises(DataError, match=r"j\.json line 2: malformed JSON"):
-        load_data(str(tmp_path / "j.json"))
 
 
 def test_rename_conflict_and_spec_validation(tmp_path):

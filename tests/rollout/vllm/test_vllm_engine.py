@@ -25,7 +25,7 @@ else:
 
 import torch  # noqa: E402
 
-from model import DeepSeekConfig, DeepSeekForCausalLM, build_tokenizer  # noqa: E402
+from model import DeepSeekConfig, DeepSeekForCausalLM  # noqa: E402
 from rollout.base import SamplingConfig, build_engine  # noqa: E402
 from rollout.torch_engine import TorchEngine  # noqa: E402
 from rollout.vllm_engine import VLLMEngine, WeightStream, layer_key  # noqa: E402
@@ -49,39 +49,34 @@ def tiny_model(seed: int, vocab_size: int, moe_intermediate_size: int = 32) -> D
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
+def model_a(tiny_tok):
+    return tiny_model(0, len(tiny_tok))
 
 
 @pytest.fixture(scope="module")
-def model_a(tok):
-    return tiny_model(0, len(tok))
+def model_b(tiny_tok):
+    return tiny_model(1, len(tiny_tok))
 
 
 @pytest.fixture(scope="module")
-def model_b(tok):
-    return tiny_model(1, len(tok))
-
-
-@pytest.fixture(scope="module")
-def engine_a(model_a, tok, tmp_path_factory):
+def engine_a(model_a, tiny_tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "a"
-    model_a.save_pretrained(path, tokenizer=tok)
+    model_a.save_pretrained(path, tokenizer=tiny_tok)
     return build_engine("vllm", str(path), **ENGINE_KW)
 
 
 @pytest.fixture(scope="module")
-def engine_b(model_b, tok):
+def engine_b(model_b, tiny_tok):
     """Built from the model object (the engine writes the checkpoint itself)."""
-    return VLLMEngine(model_b, tokenizer=tok, **ENGINE_KW)
+    return VLLMEngine(model_b, tokenizer=tiny_tok, **ENGINE_KW)
 
 
 @pytest.fixture(scope="module")
-def engine_ab(model_a, tok, tmp_path_factory):
+def engine_ab(model_a, tiny_tok, tmp_path_factory):
     """Built from A; the update test pushes B's weights into it. Module-scoped like the others: vLLM's parallel
     state is process-global, and an engine torn down mid-module would take it from the engines still in use."""
     path = tmp_path_factory.mktemp("ckpt") / "a"
-    model_a.save_pretrained(path, tokenizer=tok)
+    model_a.save_pretrained(path, tokenizer=tiny_tok)
     return VLLMEngine(str(path), **ENGINE_KW)
 
 
@@ -132,9 +127,9 @@ def test_truncation_with_temperature_and_logprobs_is_refused(engine_a):
     assert len(outs) == 6 and all(r.logprobs == [] and 1 <= len(r.completion_ids) <= 4 for r in outs)
 
 
-def test_greedy_equals_torch_engine(engine_a, model_a, tok):
+def test_greedy_equals_torch_engine(engine_a, model_a, tiny_tok):
     sampling = SamplingConfig(n=2, max_tokens=12, temperature=0.0)
-    ours = TorchEngine(model_a, tokenizer=tok).generate(PROMPTS, sampling)
+    ours = TorchEngine(model_a, tokenizer=tiny_tok).generate(PROMPTS, sampling)
     theirs = engine_a.generate(PROMPTS, sampling)
     assert [r.completion_ids for r in theirs] == [r.completion_ids for r in ours]
     assert [r.finish_reason for r in theirs] == [r.finish_reason for r in ours]
@@ -143,33 +138,34 @@ def test_greedy_equals_torch_engine(engine_a, model_a, tok):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=ATOL, rtol=0)
 
 
-def test_stop_token_ends_a_sample_and_is_kept(engine_a, model_a, tok):
+def test_stop_token_ends_a_sample_and_is_kept(engine_a, model_a, tiny_tok):
     free = engine_a.generate(PROMPTS[:1], SamplingConfig(max_tokens=12, temperature=0.0))[0]
     stop = free.completion_ids[3]
     cut = free.completion_ids.index(stop) + 1
     sampling = SamplingConfig(max_tokens=12, temperature=0.0, stop_token_ids=(stop,))
     out = engine_a.generate(PROMPTS[:1], sampling)[0]
     assert out.completion_ids == free.completion_ids[:cut] and out.finish_reason == "stop"
-    assert out.completion_ids == TorchEngine(model_a, tokenizer=tok).generate(PROMPTS[:1], sampling)[0].completion_ids
+    torch_out = TorchEngine(model_a, tokenizer=tiny_tok).generate(PROMPTS[:1], sampling)[0]
+    assert out.completion_ids == torch_out.completion_ids
     assert len(out.logprobs) == cut
 
 
-def test_stop_string_ends_a_sample_like_the_torch_engine(engine_a, model_a, tok):
+def test_stop_string_ends_a_sample_like_the_torch_engine(engine_a, model_a, tiny_tok):
     free = engine_a.generate(PROMPTS, SamplingConfig(max_tokens=12, temperature=0.0))
-    stop = tok.decode(free[0].completion_ids[2:4], skip_special_tokens=False)
+    stop = tiny_tok.decode(free[0].completion_ids[2:4], skip_special_tokens=False)
     sampling = SamplingConfig(max_tokens=12, temperature=0.0, stop=(stop,))
     outs = engine_a.generate(PROMPTS, sampling)
-    ours = TorchEngine(model_a, tokenizer=tok).generate(PROMPTS, sampling)
+    ours = TorchEngine(model_a, tokenizer=tiny_tok).generate(PROMPTS, sampling)
     assert [r.completion_ids for r in outs] == [r.completion_ids for r in ours]
     assert [r.finish_reason for r in outs] == [r.finish_reason for r in ours]
     assert outs[0].finish_reason == "stop" and len(outs[0].completion_ids) <= 4
     assert outs[0].text.endswith(stop)
 
 
-def test_min_tokens_bans_stop_tokens_like_the_torch_engine(engine_a, model_a, tok):
+def test_min_tokens_bans_stop_tokens_like_the_torch_engine(engine_a, model_a, tiny_tok):
     free = engine_a.generate(PROMPTS[:1], SamplingConfig(max_tokens=12, temperature=0.0))[0]
     stop = free.completion_ids[1]
-    torch_engine = TorchEngine(model_a, tokenizer=tok)
+    torch_engine = TorchEngine(model_a, tokenizer=tiny_tok)
     for sampling in (SamplingConfig(n=2, max_tokens=12, temperature=0.0, stop_token_ids=(stop,), min_tokens=6),
                      SamplingConfig(n=3, max_tokens=12, temperature=1.0, stop_token_ids=(stop,), min_tokens=6,
                                     seed=4)):
@@ -208,11 +204,12 @@ def test_update_weights_equals_fresh_engine(engine_ab, engine_b, model_a, model_
 
 
 @pytest.fixture(scope="module")
-def padded(tok, tmp_path_factory):
+def padded(tiny_tok, tmp_path_factory):
     """Two models with expert width 48 (padded to 64 by the CPU MoE kernel) and an engine built from the first."""
-    a, b = tiny_model(2, len(tok), moe_intermediate_size=48), tiny_model(3, len(tok), moe_intermediate_size=48)
+    vocab = len(tiny_tok)
+    a, b = tiny_model(2, vocab, moe_intermediate_size=48), tiny_model(3, vocab, moe_intermediate_size=48)
     path = tmp_path_factory.mktemp("ckpt") / "a48"
-    a.save_pretrained(path, tokenizer=tok)
+    a.save_pretrained(path, tokenizer=tiny_tok)
     return VLLMEngine(str(path), **ENGINE_KW), a, b
 
 
@@ -290,7 +287,7 @@ def test_probe_logprobs_equal_model_forward(engine_a, model_a):
     assert set(engine_a.accepted_weights()) == {n for n, _ in model_a.named_hf_weights()}
 
 
-def test_the_stale_weight_guard_checks_a_vllm_engine_by_probe(engine_a, model_a, model_b, tok):
+def test_the_stale_weight_guard_checks_a_vllm_engine_by_probe(engine_a, model_a, model_b, tiny_tok):
     import copy
 
     from grpo.config import GRPOConfig
@@ -299,10 +296,10 @@ def test_the_stale_weight_guard_checks_a_vllm_engine_by_probe(engine_a, model_a,
 
     cfg = GRPOConfig(group_size=2, prompts_per_step=1, minibatch_size=2, micro_batch_size=2, beta=0.0,
                      sync_probe_tol=1e-3)
-    trainer = GRPOTrainer(copy.deepcopy(model_a), engine_a, lambda p, c, **k: [0.0] * len(c), tok, cfg)
+    trainer = GRPOTrainer(copy.deepcopy(model_a), engine_a, lambda p, c, **k: [0.0] * len(c), tiny_tok, cfg)
     metrics = {}
     trainer.sync_weights(metrics=metrics)  # the engine already holds A: the probe agrees
     assert "time/sync_check" in metrics and metrics["sync/checked_tensors"] == 0
-    stale = GRPOTrainer(copy.deepcopy(model_b), engine_a, lambda p, c, **k: [0.0] * len(c), tok, cfg)
+    stale = GRPOTrainer(copy.deepcopy(model_b), engine_a, lambda p, c, **k: [0.0] * len(c), tiny_tok, cfg)
     with pytest.raises(StaleWeightsError, match="log-probs of the probe sequence that differ"):
         stale.check_sync(dict(stale.policy.named_hf_weights()))  # B's weights were never sent

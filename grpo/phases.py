@@ -16,3 +16,11 @@ POLICY_PHASES: tuple[str, ...] = (SFT, RL_REASON, RL_PREF)
 """The phases that train the policy and leave a policy checkpoint."""
 POLICY_CHECKPOINTS: tuple[str, ...] = (BASE, *POLICY_PHASES)
 """The policy checkpoints of a run, in order: what the ``eval`` phase measures."""
+RM_PREFIX = "rm:"
+"""A reward named ``rm:NAME`` is a reward model: in a recipe, the one named ``NAME`` that the ``rm`` phase trains;
+in an evaluation, the one in the folder labelled ``NAME``."""
+
+
+def reward_model_name(reward: str) -> str | None:
+    """``NAME`` for a reward named ``rm:NAME``, else None."""
+    return reward[len(RM_PREFIX) :] if reward.startswith(RM_PREFIX) else None

@@ -21,6 +21,7 @@ from grpo.evaluation.inputs import (
 )
 from grpo.evaluation.results import results_markdown, write_results
 from grpo.evaluation.runner import evaluate_checkpoint
+from grpo.phases import reward_model_name
 from rewards import RewardError
 from rewards.answers import ANSWER_MODES
 
@@ -80,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     labels = unique_labels([str(f) for f in folders])
     results = [evaluate_checkpoint(f, None, rows, config, rewards=rewards, name=label)
                for f, label in zip(folders, labels)]
-    rm_names = [key for key in rewards if key.startswith("rm:")]
+    rm_names = [key for key in rewards if reward_model_name(key) is not None]
     comparison = compare(results, rm_names) if len(results) > 1 else None
     out = Path(args.out) if args.out else Path("runs") / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     meta = {"checkpoints": [str(f) for f in folders], "data": args.data,

@@ -12,6 +12,7 @@ from datasets.utils import logging as ds_logging
 
 from grpo.data import BUILTIN_PREFIX, DataError, DataSpec, load_data
 from grpo.evaluation.config import EvalConfig, EvalError
+from grpo.phases import RM_PREFIX
 from model.registry import Registry
 from rewards import get_reward
 from rewards.reward_model import load_reward_model_reward
@@ -132,7 +133,7 @@ def build_rewards(config: EvalConfig) -> dict[str, RewardFn]:
         if not folder.is_dir():
             raise EvalError(f"reward model {folder} does not exist or is not a folder")
         try:
-            out[f"rm:{label}"] = load_reward_model_reward(folder, device=_device(config.device),
+            out[f"{RM_PREFIX}{label}"] = load_reward_model_reward(folder, device=_device(config.device),
                                                           batch_size=config.batch_size)
         except (OSError, ValueError) as exc:
             raise EvalError(f"reward model {folder}: {exc}") from None

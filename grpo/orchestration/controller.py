@@ -36,7 +36,7 @@ from grpo.orchestration.workers import (
     remote,
     save_policy,
 )
-from grpo.phases import BASE, EVAL, POLICY_PHASES, RL_PHASES
+from grpo.phases import BASE, EVAL, POLICY_PHASES, RL_PHASES, reward_model_name
 from grpo.reporting import MetricsLogger
 from model import DeepSeekConfig, DeepSeekForCausalLM, build_tokenizer
 from model.files import atomic_write_text
@@ -44,14 +44,6 @@ from rewards.combine import RewardSpec
 from rollout.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
-RM_PREFIX = "rm:"
-"""In a recipe's rewards, ``rm:NAME`` names the reward model ``NAME`` trained by the run's ``rm`` phase."""
-
-
-def reward_model_name(reward: str) -> str | None:
-    """``NAME`` for a reward named ``rm:NAME``, else None."""
-    return reward[len(RM_PREFIX):] if reward.startswith(RM_PREFIX) else None
-
 
 def init_ray(recipe: Recipe) -> tuple[bool, Path | None]:
     """Starts the embedded local Ray instance, or joins ``ray.address``.

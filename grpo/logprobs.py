@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 import kernels
+from model.distributed import is_sharded, run_in_root
 
 __all__ = ["LMHead", "lm_head_of", "sequence_logprobs"]
 
@@ -184,17 +185,21 @@ def _hf_shared_prompt_hidden(decoder: nn.Module, batch: _Batch, end: int) -> Ten
     return torch.cat([last_prompt, rest.last_hidden_state], dim=1)  # [N, end - start + 1, H]
 
 
-def _backbone_hidden(decoder: nn.Module, batch: _Batch, end: int, share_prompts: bool) -> Tensor:
+def _backbone_hidden(decoder: nn.Module, batch: _Batch, end: int, share_prompts: bool,
+                     two_passes: bool = True) -> Tensor:
     """Hidden states at positions ``start - 1 .. end - 1`` (those that predict the completion). ``[N, T, H]``
 
     Rows sharing a prompt (the G samples of a group) run it once: ours through its shared-prefix forward, a
-    transformers decoder through a gathered KV cache (:func:`_hf_shared_prompt_hidden`).
+    transformers decoder through a gathered KV cache (:func:`_hf_shared_prompt_hidden`), which runs each block
+    twice in one backward; ``two_passes=False`` (FSDP-sharded blocks, whose ranks then fall out of step) runs a
+    transformers decoder in one pass instead.
     """
     shared = {}
     if share_prompts and batch.start < end:
         if getattr(decoder, "supports_shared_prefix", False):
             shared = {"shared_prefix": batch.start}
-        elif getattr(decoder, "config", None) is not None and hasattr(decoder, "get_input_embeddings"):
+        elif two_passes and getattr(decoder, "config", None) is not None and hasattr(decoder,
+                                                                                    "get_input_embeddings"):
             hidden = _hf_shared_prompt_hidden(decoder, batch, end)
             if hidden is not None:
                 return hidden
@@ -213,7 +218,8 @@ def _fused_logprobs(model: nn.Module, head: LMHead, batch: _Batch, kw: dict[str,
                     share_prompts: bool = True) -> Pair:
     """Backbone, then the chunked kernel over valid completion tokens: ``(logp [M], entropy [M] | None)``."""
     end = batch.stop - 1  # the last completion token predicts nothing we score: the backbone stops before it
-    hidden = _backbone_hidden(model.get_decoder(), batch, end, share_prompts)  # [N, T, H]
+    hidden = _backbone_hidden(model.get_decoder(), batch, end, share_prompts,
+                              two_passes=not is_sharded(model))  # [N, T, H]
     hidden = hidden[batch.valid].to(head.weight.dtype)  # [M, H]
     weight = head.weight  # [V, H]
     if head.bias is not None:
@@ -236,6 +242,17 @@ def _full_logits_logprobs(model: nn.Module, batch: _Batch, kw: dict[str, Any]) -
     logp = logp_all.gather(1, batch.labels[:, None].long()).squeeze(1)  # [M]
     entropy = -(logp_all.exp() * logp_all).sum(-1) if kw["with_entropy"] else None  # [M]
     return logp, entropy
+
+
+def _valid_logprobs(model: nn.Module, batch: _Batch, chunk_size: int | None, with_entropy: bool,
+                    temperature: float, share_prompts: bool) -> Pair:
+    """Log-probs (and entropy) of the valid completion tokens, flat ``[n_valid]``."""
+    head = lm_head_of(model)
+    kw: dict[str, Any] = dict(temperature=temperature, with_entropy=with_entropy)
+    if head.fused:
+        kw |= dict(temperature=temperature / head.logit_scale, chunk_size=chunk_size)
+        return _fused_logprobs(model, head, batch, kw, share_prompts)
+    return _full_logits_logprobs(model, batch, kw)  # the model's logits already include its scale and capping
 
 
 def sequence_logprobs(
@@ -274,13 +291,9 @@ def sequence_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     batch = _make_batch(input_ids, attention_mask, logits_to_keep)
-    head = lm_head_of(model)
-    kw: dict[str, Any] = dict(temperature=temperature, with_entropy=with_entropy)
-    if head.fused:
-        kw |= dict(temperature=temperature / head.logit_scale, chunk_size=chunk_size)
-        logp, entropy = _fused_logprobs(model, head, batch, kw, share_prompts)
-    else:  # the model's logits already include its scale and soft-capping
-        logp, entropy = _full_logits_logprobs(model, batch, kw)
+    # a sharded model's embeddings and LM head are whole for the call (as in its forward)
+    logp, entropy = run_in_root(model, _valid_logprobs, model, batch, chunk_size, with_entropy, temperature,
+                                share_prompts)
     zeros = torch.zeros(batch.valid.shape, dtype=logp.dtype, device=logp.device)  # [N, T]
     logp = zeros.masked_scatter(batch.valid, logp)
     return logp, None if entropy is None else zeros.masked_scatter(batch.valid, entropy)

@@ -4,10 +4,15 @@ The algorithm's math lives in :mod:`grpo.advantages`, :mod:`grpo.losses` and :mo
 only moves data between them, the rollout engine and the reward functions. Departures from DeepSeekMath's
 GRPO that are options here (all off by default): DAPO's dynamic sampling, clip-higher and overlong filtering,
 Dr.GRPO's aggregation, GSPO's sequence ratio, and resetting the reference model every K steps.
+
+Data parallel (``dp`` with N ranks, the policy sharded by :func:`model.distributed.shard_model`): rank 0 samples,
+scores and computes the advantages, every rank receives the step's batch, and the log-probs and the update run
+over the ranks' shares of the micro-batches (see :mod:`model.distributed`), computing one rank's update.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -25,6 +30,15 @@ from grpo.config import GRPOConfig
 from grpo.logprobs import sequence_logprobs
 from grpo.losses import micro_batch_weight, policy_loss
 from grpo.steps import check_step_rewards, token_step_ends
+from model.distributed import (
+    SINGLE,
+    DataParallel,
+    clip_grad_norm,
+    filler_forward,
+    gathered,
+    is_sharded,
+    sum_router_loads,
+)
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
 from rollout.weights import (
     StaleWeightsError,
@@ -61,18 +75,23 @@ class GRPOTrainer:
         optimizer_state: An earlier optimizer's ``state_dict()`` (the previous stage's, with
             ``config.carry_optimizer_state``) whose Adam moments the new optimizer starts from; its learning rate
             and weight decay are this config's.
+        dp: The trainer ranks (default one). Only rank 0 uses ``engine`` and ``reward_fn`` (others may pass
+            None); every rank holds a reference, the same on all (a sharded policy's default copy is sharded).
     """
 
     def __init__(self, policy: nn.Module, engine: RolloutEngine, reward_fn: Callable[..., Any], tokenizer: Any,
                  config: GRPOConfig, ref_model: nn.Module | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, optimizer_state: dict[str, Any] | None = None
-                 ) -> None:
+                 optimizer: torch.optim.Optimizer | None = None, optimizer_state: dict[str, Any] | None = None,
+                 dp: DataParallel = SINGLE) -> None:
         if config.lr_schedule == "cosine" and config.total_steps is None:
             raise ValueError("lr_schedule 'cosine' needs total_steps (the schedule's horizon in RL steps); recipes "
                              "default it to the stage's steps")
         self.policy, self.engine, self.reward_fn = policy, engine, reward_fn
-        self.tokenizer, self.config = tokenizer, config
+        self.tokenizer, self.config, self.dp = tokenizer, config, dp
         if ref_model is None and config.beta > 0:
+            if is_sharded(policy):
+                raise ValueError("beta > 0 needs a reference policy, and a sharded policy cannot be copied into "
+                                 "one: pass ref_model (a copy made before shard_model, or a remote reference)")
             ref_model = copy.deepcopy(policy)
         self.ref_model = ref_model
         if isinstance(ref_model, nn.Module):
@@ -123,10 +142,14 @@ class GRPOTrainer:
         cfg = self.config
         metrics: dict[str, float] = {}
         timer = _PhaseTimer(metrics)
-        rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer)
-        with timer("advantages"):
-            rewards = torch.tensor(scores.total, dtype=torch.float32)
-            batch = self._trajectories(rollouts, self._advantages(rollouts, scores), rewards)
+        batch = rollouts = scores = None
+        if self.dp.is_main:
+            rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer)
+            with timer("advantages"):
+                rewards = torch.tensor(scores.total, dtype=torch.float32)
+                batch = self._trajectories(rollouts, self._advantages(rollouts, scores), rewards)
+        batch, rng_state = self.dp.broadcast((batch, self.rng.get_state()))  # every rank shuffles alike
+        self.rng.set_state(rng_state)
         with timer("logprobs"):
             batch = self._reference_logprobs(batch)
         with timer("update"):
@@ -135,7 +158,8 @@ class GRPOTrainer:
         self.step_count += 1
         if cfg.ref_reset_every and self.ref_model is not None and self.step_count % cfg.ref_reset_every == 0:
             self._reset_reference()
-        metrics.update(self._rollout_metrics(rollouts, scores, metrics))
+        if self.dp.is_main:
+            metrics.update(self._rollout_metrics(rollouts, scores, metrics))
         metrics.update(self._settings_that_ran())
         return metrics
 
@@ -240,27 +264,42 @@ class GRPOTrainer:
                                  temperature=self.config.temperature or 1.0, share_prompts=self.config.share_prompts)
 
     def _batched_logprobs(self, model: nn.Module, batch: Trajectories) -> Tensor:
-        mb = self.config.micro_batch_size
-        with torch.inference_mode():
-            parts = [self._logprobs(model, batch.select(torch.arange(i, min(i + mb, len(batch.rewards)))))[0]
-                     for i in range(0, len(batch.rewards), mb)]
-            logp = torch.cat(parts)
-        return logp.clone()  # a normal tensor again: the loss may save it for backward
+        """``[N, T]`` log-probs of ``batch`` by micro-batches; with several ranks each runs its share."""
+        mb, n = self.config.micro_batch_size, len(batch.rewards)
+        starts = range(0, n, mb)
+        parts: dict[int, Tensor] = {}
+        # FSDP's gathered buffers must not become inference tensors: a sharded model runs under no_grad
+        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+            for j in self.dp.share(len(starts)):
+                start = starts[0 if j is None else j]
+                with filler_forward(model) if j is None else contextlib.nullcontext():
+                    logp = self._logprobs(model, batch.select(torch.arange(start, min(start + mb, n))))[0]
+                if j is not None:
+                    parts[j] = logp.cpu() if self.dp.enabled else logp
+        if self.dp.enabled:
+            parts = {j: t for gathered_parts in self.dp.all_gather(parts) for j, t in gathered_parts.items()}
+        logp = torch.cat([parts[j] for j in range(len(starts))])
+        return logp.to(batch.input_ids.device).clone()  # a normal tensor again: the loss may save it for backward
 
     def _reset_reference(self) -> None:
         """Copies the policy into the reference (a local module, or a remote one through ``update_weights``)."""
         if isinstance(self.ref_model, nn.Module):
             self.ref_model.load_state_dict(self.policy.state_dict())
-        else:
-            self.ref_model.update_weights(list(named_weights(self.policy)))
+            return
+        with gathered(self.policy):
+            if self.dp.is_main:
+                self.ref_model.update_weights([(n, t.clone()) for n, t in named_weights(self.policy)])
 
     def _ref_logprobs(self, batch: Trajectories) -> Tensor:
         if isinstance(self.ref_model, nn.Module):
             return self._batched_logprobs(self.ref_model, batch)
-        return self.ref_model.logprobs(batch.input_ids, batch.attention_mask, batch.completion_len,
-                                       chunk_size=self.config.logprob_chunk_size,
-                                       temperature=self.config.temperature or 1.0,
-                                       share_prompts=self.config.share_prompts)
+        logp = None
+        if self.dp.is_main:  # a remote reference serves rank 0
+            logp = self.ref_model.logprobs(batch.input_ids, batch.attention_mask, batch.completion_len,
+                                           chunk_size=self.config.logprob_chunk_size,
+                                           temperature=self.config.temperature or 1.0,
+                                           share_prompts=self.config.share_prompts)
+        return self.dp.broadcast(logp)
 
     def _reference_logprobs(self, batch: Trajectories) -> Trajectories:
         cfg = self.config
@@ -294,34 +333,51 @@ class GRPOTrainer:
         return {k: v / count for k, v in sums.items()}
 
     def _minibatch_step(self, mini: Trajectories) -> dict[str, float]:
+        """Accumulates the minibatch's micro-batches (this rank's share of them), then one optimizer step."""
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
-        for start in range(0, len(mini.rewards), cfg.micro_batch_size):
-            micro = mini.select(torch.arange(start, min(start + cfg.micro_batch_size, len(mini.rewards))))
-            weight = micro_batch_weight(cfg.loss_agg, micro.completion_mask, mini.completion_mask)
-            logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
-            old = micro.old_logp if micro.old_logp is not None else logp.detach()
-            loss, m = policy_loss(logp, old, micro.advantages, micro.completion_mask, clip_low=cfg.clip_low,
-                                  clip_high=cfg.clip_high, ref_logp=micro.ref_logp, beta=cfg.beta, kl=cfg.kl,
-                                  agg=cfg.loss_agg, variant=cfg.policy_loss, max_len=cfg.max_new_tokens,
-                                  clip_ratio_c=cfg.clip_ratio_c)
-            aux = self._moe_aux_loss()
-            ((loss + aux) * weight).backward()
-            mask = micro.completion_mask.bool()
-            m["entropy"] = float(entropy.detach()[mask].mean()) if mask.any() else 0.0
-            m["moe_aux_loss"] = float(aux.detach())
+        n, mb = len(mini.rewards), cfg.micro_batch_size
+        starts = range(0, n, mb)
+        for j in self.dp.share(len(starts)):
+            start = starts[0 if j is None else j]
+            micro = mini.select(torch.arange(start, min(start + mb, n)))
+            with filler_forward(self.policy) if j is None else contextlib.nullcontext():
+                m = self._micro_batch_backward(micro, mini, filler=j is None)
             for k, v in m.items():
-                stats[k] = stats.get(k, 0.0) + float(v) * float(weight)
+                stats[k] = stats.get(k, 0.0) + v
+        stats = self.dp.sum_floats(stats)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if cfg.max_grad_norm > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            stats["grad_norm"] = clip_grad_norm(params, cfg.max_grad_norm)
         stats["lr"] = self.scheduler.get_last_lr()[0]  # the rate this optimizer step uses
         self.optimizer.step()
         self.scheduler.step()
         if cfg.moe_bias_gamma and hasattr(self.policy, "update_router_bias"):
+            sum_router_loads(self.policy, self.dp)
             self.policy.update_router_bias(cfg.moe_bias_gamma)
         return stats
+
+    def _micro_batch_backward(self, micro: Trajectories, mini: Trajectories, filler: bool) -> dict[str, float]:
+        """Backpropagates one micro-batch's loss at its share of the minibatch (0 for a filler); returns its
+        metrics times that share."""
+        cfg = self.config
+        weight = 0.0 if filler else float(micro_batch_weight(cfg.loss_agg, micro.completion_mask,
+                                                              mini.completion_mask))
+        logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
+        old = micro.old_logp if micro.old_logp is not None else logp.detach()
+        loss, m = policy_loss(logp, old, micro.advantages, micro.completion_mask, clip_low=cfg.clip_low,
+                              clip_high=cfg.clip_high, ref_logp=micro.ref_logp, beta=cfg.beta, kl=cfg.kl,
+                              agg=cfg.loss_agg, variant=cfg.policy_loss, max_len=cfg.max_new_tokens,
+                              clip_ratio_c=cfg.clip_ratio_c)
+        aux = self._moe_aux_loss()
+        ((loss + aux) * (weight * self.dp.grad_scale)).backward()
+        if filler:
+            return {}
+        mask = micro.completion_mask.bool()
+        m["entropy"] = float(entropy.detach()[mask].mean()) if mask.any() else 0.0
+        m["moe_aux_loss"] = float(aux.detach())
+        return {k: float(v) * weight for k, v in m.items()}
 
     def _moe_aux_loss(self) -> Tensor:
         """The policy's MoE balance losses from its last forward, summed and weighted by ``moe_aux_coef``."""
@@ -345,23 +401,36 @@ class GRPOTrainer:
         """
         metrics = {} if metrics is None else metrics
         timer = _PhaseTimer(metrics)
-        with timer("sync"):
-            if not self._sync_names_checked:  # engines outside the RolloutEngine ABC may lack these hooks
-                accepted = getattr(self.engine, "accepted_weights", lambda: None)()
-                if accepted is not None:
-                    check_names({n: tuple(t.shape) for n, t in named_weights(self.policy)}, accepted,
-                                getattr(self.engine, "description", type(self.engine).__name__))
-                self._sync_names_checked = True
-            sent: dict[str, Tensor] = {}
-            for bucket in bucketed(named_weights(self.policy), bucket_bytes):
-                self.engine.update_weights(bucket)
-                sent.update(bucket)
-        metrics["sync/bytes"] = float(sum(t.numel() * t.element_size() for t in sent.values()))
-        if self.config.sync_check:
+        checking = self.config.sync_check
+        probes: list[WeightReport] = []
+        stack = contextlib.ExitStack()
+        with stack:  # a sharded policy stays gathered whole on every rank until rank 0 has sent and compared it
+            with timer("sync"):
+                stack.enter_context(gathered(self.policy))
+                sent = self._send_weights(bucket_bytes) if self.dp.is_main else {}
+            if self.dp.is_main:
+                metrics["sync/bytes"] = float(sum(t.numel() * t.element_size() for t in sent.values()))
+                if checking:
+                    with timer("sync_check"):
+                        metrics["sync/checked_tensors"], probes = self._check_fingerprints(sent)
+        if checking and self.dp.broadcast(bool(probes)):  # the probe is a forward: every rank runs it
             with timer("sync_check"):
-                metrics["sync/checked_tensors"] = float(self.check_sync(sent))
+                self._check_probes(probes)
 
-    @torch.no_grad()
+    def _send_weights(self, bucket_bytes: int) -> dict[str, Tensor]:
+        """Sends the policy's weights to the engine in buckets (names checked first); returns what was sent."""
+        if not self._sync_names_checked:  # engines outside the RolloutEngine ABC may lack these hooks
+            accepted = getattr(self.engine, "accepted_weights", lambda: None)()
+            if accepted is not None:
+                check_names({n: tuple(t.shape) for n, t in named_weights(self.policy)}, accepted,
+                            getattr(self.engine, "description", type(self.engine).__name__))
+            self._sync_names_checked = True
+        sent: dict[str, Tensor] = {}
+        for bucket in bucketed(named_weights(self.policy), bucket_bytes):
+            self.engine.update_weights(bucket)
+            sent.update(bucket)
+        return sent
+
     def check_sync(self, sent: dict[str, Tensor]) -> int:
         """The stale-weight guard: every engine replica must hold ``sent``, judged by fingerprints per tensor
         (exact, in the engine's dtype) or, for engines without them, by log-probs of a fixed probe sequence.
@@ -372,30 +441,47 @@ class GRPOTrainer:
         Raises:
             StaleWeightsError: naming the replica and the first tensor (or the probe) that differs.
         """
-        probe = self._probe_ids()
-        mine: list[float] | None = None
+        checked, probes = self._check_fingerprints(sent)
+        if probes:
+            self._check_probes(probes)
+        return checked
+
+    @torch.no_grad()
+    def _check_fingerprints(self, sent: dict[str, Tensor]) -> tuple[int, list[WeightReport]]:
+        """Compares the replicas' fingerprints with ``sent``'s; returns how many tensors that checked and the
+        reports that carry probe log-probs instead (for :meth:`_check_probes`)."""
         checked = 0
+        probes: list[WeightReport] = []
         reporter = getattr(self.engine, "weight_reports", None)
-        reports = reporter(list(sent), probe) if reporter is not None else [
+        reports = reporter(list(sent), self._probe_ids()) if reporter is not None else [
             WeightReport(type(self.engine).__name__, None, None)]
         for report in reports:
             if report.fingerprints is not None:
                 compare_fingerprints(sent, report.fingerprints, report.where)
                 checked += len(sent)
             elif report.probe is not None:
-                if mine is None:
-                    mine = self._probe_logprobs(probe)
-                gap = sum(abs(a - b) for a, b in zip(report.probe, mine)) / max(1, len(mine))
-                if len(report.probe) != len(mine) or not gap <= self.config.sync_probe_tol:
-                    raise StaleWeightsError(
-                        f"weight sync check: {report.where} gives log-probs of the probe sequence that differ from "
-                        f"the trainer's by {gap:.4g} on average (sync_probe_tol {self.config.sync_probe_tol}): the "
-                        f"engine would sample from stale or corrupted weights")
+                probes.append(report)
             elif not self._unverifiable_warned:
                 self._unverifiable_warned = True
                 log.warning("weight sync check: %s reports neither fingerprints nor probe log-probs; its weights "
                             "are not checked", report.where)
-        return checked
+        return checked, probes
+
+    @torch.no_grad()
+    def _check_probes(self, probes: list[WeightReport]) -> None:
+        """Compares the engines' probe log-probs with the policy's (computed on every rank, compared on rank 0).
+
+        Raises:
+            StaleWeightsError: naming the replica whose probe differs by more than ``sync_probe_tol``.
+        """
+        mine = self._probe_logprobs(self._probe_ids())
+        for report in probes:
+            gap = sum(abs(a - b) for a, b in zip(report.probe, mine)) / max(1, len(mine))
+            if len(report.probe) != len(mine) or not gap <= self.config.sync_probe_tol:
+                raise StaleWeightsError(
+                    f"weight sync check: {report.where} gives log-probs of the probe sequence that differ from "
+                    f"the trainer's by {gap:.4g} on average (sync_probe_tol {self.config.sync_probe_tol}): the "
+                    f"engine would sample from stale or corrupted weights")
 
     def _probe_ids(self, length: int = 16) -> list[int]:
         vocab = min(len(self.tokenizer), int(getattr(getattr(self.policy, "config", None), "vocab_size", 0) or

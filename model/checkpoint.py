@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from model.config import DeepSeekConfig
+from model.distributed import state_of
 from model.files import atomic_dir
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class CheckpointError(ValueError):
 def named_hf_weights(model: DeepSeekForCausalLM) -> Iterator[tuple[str, Tensor]]:
     """Yields ``(HF name, tensor)`` for every persistent tensor; per-expert tensors are views (no copies)."""
     tied = model.config.tie_word_embeddings
-    for name, tensor in model.state_dict(keep_vars=False).items():
+    for name, tensor in state_of(model).items():  # a sharded model's whole tensors inside gathered()
         if tied and name == "lm_head.weight":
             continue
         if name.endswith(".mlp.experts.gate_up_proj"):

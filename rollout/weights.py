@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from model.distributed import state_of
+
 _LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 # Relative tolerance of two float64 sums of the same values taken in different orders (another device or
 # kernel): float64 rounding is ~1e-16 per addition, so 1e-9 leaves room for 10^6-term sums and still catches a
@@ -47,7 +49,7 @@ def named_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         yield from named()
         return
     seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state_of(model, keep_vars=True).items():  # sharded: whole inside gathered()
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))

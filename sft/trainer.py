@@ -16,6 +16,7 @@ models learn from scratch and need far larger steps; the tests train a 2-layer, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from model.distributed import SINGLE, DataParallel, clip_grad_norm, filler_forward
 from sft.formatting import IGNORE_INDEX, tokenize_rows
 from sft.packing import (
     Batch,
@@ -198,6 +200,8 @@ class SFTTrainer:
         save_every: Steps between ``save_fn`` calls (0: only at the end).
         log_fn: Receives each logged :class:`StepMetrics` (default: the module logger).
         chat_template: A template to use instead of the tokenizer's.
+        dp: The trainer ranks (default one): every rank builds the same micro-batches and runs its share of them
+            (see :mod:`model.distributed`; the model sharded by ``shard_model``), computing one rank's update.
 
     Example:
         >>> trainer = SFTTrainer(model, tokenizer, load_data("builtin:arithmetic", n=512, schema="sft"),
@@ -216,8 +220,10 @@ class SFTTrainer:
         save_every: int = 0,
         log_fn: Callable[[StepMetrics], None] | None = None,
         chat_template: str | None = None,
+        dp: DataParallel = SINGLE,
     ) -> None:
         self.model, self.config, self.save_fn, self.save_every = model, config, save_fn, save_every
+        self.dp = dp
         self.log_fn = log_fn or (lambda m: log.info("sft %s", asdict(m)))
         self.pad_id = _pad_id(tokenizer)
         self.examples, self.dropped = tokenize_rows(
@@ -290,16 +296,20 @@ class SFTTrainer:
         batches = [b.to(device) for b in self._micro_batches(self.step)]
         n_targets = sum(b.n_targets for b in batches)
         self.model.train()
-        total, total_aux, denom = 0.0, 0.0, max(n_targets, 1)
-        for b in batches:
-            nll, aux = batch_losses(self.model, b)
-            share = b.n_targets / denom  # weights the per-batch balance loss like the tokens it covers
-            loss = nll / denom + self.config.moe_aux_coef * share * aux
-            loss.backward()
-            total += nll.item() / denom
-            total_aux += share * aux.item()
+        sums, denom = {"loss": 0.0, "aux": 0.0}, max(n_targets, 1)
+        for j in self.dp.share(len(batches)):  # every micro-batch on one rank; a filler (None) counts 0
+            b = batches[0 if j is None else j]
+            with filler_forward(self.model) if j is None else contextlib.nullcontext():
+                nll, aux = batch_losses(self.model, b)
+                share = b.n_targets / denom  # weights the per-batch balance loss like the tokens it covers
+                loss = nll / denom + self.config.moe_aux_coef * share * aux
+                (loss * (0.0 if j is None else self.dp.grad_scale)).backward()
+            if j is not None:
+                sums["loss"] += nll.item() / denom
+                sums["aux"] += share * aux.item()
+        sums = self.dp.sum_floats(sums)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = clip_grad_norm(self.model.parameters(), clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -308,8 +318,8 @@ class SFTTrainer:
         metrics = StepMetrics(
             step=self.step + 1,
             epoch=self.step // self.steps_per_epoch,
-            loss=total,
-            moe_aux_loss=total_aux,
+            loss=sums["loss"],
+            moe_aux_loss=sums["aux"],
             lr=lr,
             grad_norm=grad_norm,
             n_targets=n_targets,

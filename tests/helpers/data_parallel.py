@@ -1,0 +1,134 @@
+"""Training runs that every trainer rank executes alike, for comparing N sharded ranks with one unsharded rank.
+
+:func:`run_cases` is the body of each rank: GRPO steps for a transformers Llama (two aggregation modes) and for our
+MoE model (balance loss and bias update on), and SFT steps; it returns rank 0's losses and whole weights.
+:func:`spawn_ranks` runs it on N gloo ranks in fresh processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from grpo.config import GRPOConfig
+from grpo.data import tasks
+from grpo.trainer import GRPOTrainer
+from model import DeepSeekConfig, DeepSeekForCausalLM
+from model.distributed import DataParallel, gathered, shard_model
+from rollout.torch_engine import TorchEngine
+from sft.trainer import SFTConfig, SFTTrainer
+from tests.helpers.chat import char_tokenizer
+from tests.helpers.chat import tiny_llama as chat_llama
+from tests.helpers.tiny import count_target, tiny_llama, word_tokenizer
+
+PROMPT_ROWS = [{"prompt": f"t{3 + i} t{9 + i} t{20 + i}", "parity": i % 2} for i in range(3)]
+# 3 prompts x 4 samples = 12 rows, one minibatch of 12 (on-policy) or two of 6 (off-policy: old log-probs), in
+# micro-batches of 4 or 2: an odd number of micro-batches, so one rank runs a filler
+GRPO_CASES: dict[str, dict[str, Any]] = {
+    "llama token-mean": dict(model="llama", loss_agg="token-mean", minibatch_size=12, micro_batch_size=4),
+    "llama seq-mean-token-mean off-policy": dict(model="llama", loss_agg="seq-mean-token-mean", minibatch_size=6,
+                                                 micro_batch_size=2),
+    "moe token-mean balance loss": dict(model="moe", loss_agg="token-mean", minibatch_size=12, micro_batch_size=4,
+                                        moe_aux_coef=0.01, moe_bias_gamma=1e-3),
+}
+STEPS = 3
+
+
+def _policy(kind: str, tokenizer: Any) -> torch.nn.Module:
+    if kind == "llama":
+        return tiny_llama(seed=0).train()
+    torch.manual_seed(0)
+    cfg = DeepSeekConfig.from_preset("tiny", vocab_size=len(tokenizer), hidden_size=32, moe_intermediate_size=16,
+                                     intermediate_size=64, num_hidden_layers=2, eos_token_id=1, bos_token_id=2,
+                                     pad_token_id=0)
+    return DeepSeekForCausalLM(cfg).train()
+
+
+def _whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as a whole plain tensor (a collective for a sharded model)."""
+    with gathered(model):
+        state = {n: p.detach().clone() for n, p in model.named_parameters()}
+        state.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    return state
+
+
+def grpo_case(dp: DataParallel, model: str, **settings: Any) -> dict[str, Any]:
+    """``STEPS`` GRPO steps (β > 0, a reference copy on every rank); rank 0 samples and scores."""
+    tokenizer = word_tokenizer()
+    policy = _policy(model, tokenizer)
+    initial = _whole_state(policy)
+    ref = copy.deepcopy(policy).eval()
+    engine = TorchEngine(copy.deepcopy(policy).eval(), tokenizer=tokenizer) if dp.is_main else None
+    shard_model(policy, dp)
+    config = GRPOConfig(group_size=4, prompts_per_step=3, lr=1e-2, beta=0.04, max_new_tokens=4, temperature=1.0,
+                        seed=0, **settings)
+    trainer = GRPOTrainer(policy, engine, count_target if dp.is_main else None, tokenizer, config, ref_model=ref,
+                          dp=dp)
+    steps = [trainer.step(PROMPT_ROWS) for _ in range(STEPS)]
+    return {"losses": [m["loss"] for m in steps], "grad_norms": [m["grad_norm"] for m in steps],
+            "aux": [m["moe_aux_loss"] for m in steps], "initial": initial, "state": _whole_state(policy)}
+
+
+def sft_case(dp: DataParallel) -> dict[str, Any]:
+    """``STEPS`` SFT steps of 3 micro-batches each (one rank runs a filler)."""
+    tokenizer = char_tokenizer()
+    model = chat_llama(len(tokenizer)).train()
+    initial = _whole_state(model)
+    shard_model(model, dp)
+    trainer = SFTTrainer(model, tokenizer, tasks.arithmetic(36, seed=0),
+                         SFTConfig(lr=1e-2, batch_size=4, grad_accum=3, progress=False, seed=0), dp=dp)
+    steps = [trainer.train_step() for _ in range(STEPS)]
+    return {"losses": [m.loss for m in steps], "grad_norms": [m.grad_norm for m in steps],
+            "initial": initial, "state": _whole_state(model)}
+
+
+def no_reference_error(dp: DataParallel) -> str:
+    """The error of a trainer asked to copy a sharded policy into its reference (empty when there is none)."""
+    tokenizer = word_tokenizer()
+    policy = shard_model(tiny_llama(seed=0), dp)
+    config = GRPOConfig(group_size=4, prompts_per_step=3, minibatch_size=12, micro_batch_size=4, beta=0.04)
+    try:
+        GRPOTrainer(policy, None, count_target, tokenizer, config, dp=dp)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def run_cases(dp: DataParallel) -> dict[str, Any]:
+    """Every case, in order (each rank runs them all: their collectives pair up)."""
+    out: dict[str, Any] = {name: grpo_case(dp, **settings) for name, settings in GRPO_CASES.items()}
+    out["sft"] = sft_case(dp)
+    out["no_reference_error"] = no_reference_error(dp)
+    return out
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = run_cases(DataParallel.current())
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(world: int, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Runs :func:`run_cases` on ``world`` gloo ranks (fresh processes); returns rank 0's results."""
+    out = out_dir / f"ranks{world}.pt"
+    mp.spawn(_rank, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)

@@ -523,12 +523,18 @@ class GRPOTrainer:
         return out
 
     # -- checkpointing ----------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: policy, reference, optimizer, schedule, RNG and step."""
+    def state_dict(self, weights: bool = True) -> dict[str, Any]:
+        """Everything needed to resume exactly: policy, reference, optimizer, schedule, RNG and step.
+
+        Args:
+            weights: Include the policy's and the optimizer's state (``False``: the rest only, for checkpoints
+                that save those two sharded, see :class:`grpo.orchestration.checkpointing.StepCheckpoints`).
+        """
+        tensors = ({"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}
+                   if weights else {})
         return {
-            "policy": self.policy.state_dict(),
+            **tensors,
             "ref_model": self.ref_model.state_dict() if isinstance(self.ref_model, nn.Module) else None,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step_count,
             "rng": self.rng.get_state(),
@@ -537,10 +543,13 @@ class GRPOTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
+        """Restores a :meth:`state_dict` (without ``policy`` and ``optimizer``: the rest only, the caller having
+        restored those) and pushes the weights to the engine."""
+        if "policy" in state:
+            self.policy.load_state_dict(state["policy"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if isinstance(self.ref_model, nn.Module) and state["ref_model"] is not None:
             self.ref_model.load_state_dict(state["ref_model"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = state["step"]
         self.rng.set_state(state["rng"])

@@ -111,6 +111,11 @@ class DataParallel:
                 out[key] = out.get(key, 0.0) + value
         return out
 
+    def barrier(self) -> None:
+        """Waits until every rank gets here."""
+        if self.enabled:
+            dist.barrier(group=self.group)
+
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sums ``tensor`` over ranks in place (returns it)."""
         if self.enabled:

@@ -7,7 +7,9 @@ turns. While one side is idle its memory goes elsewhere:
 * ``disk``: tensors are written to a folder (safetensors for tensors, one file per kind) and their storage is
   released; used on CPU-only machines, where "CPU memory" is the memory being freed.
 
-Round trips are bit-exact (tests check it), and shapes/dtypes/devices are restored as they were.
+Round trips are bit-exact (tests check it), and shapes/dtypes/devices are restored as they were. A policy
+sharded over trainer ranks (:func:`model.distributed.shard_model`) offloads each rank's own shards: a sharded
+parameter keeps its identity (FSDP holds it), so its local tensor's storage is released and refilled in place.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 MODES = ("cpu", "disk", "none")
 
@@ -55,7 +58,14 @@ def _tensor_slots(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
 
 
 def _get(owner: Any, attr: str) -> torch.Tensor:
-    return owner[attr] if isinstance(owner, dict) else getattr(owner, attr)
+    value = owner[attr] if isinstance(owner, dict) else getattr(owner, attr)
+    return value._local_tensor if isinstance(value, DTensor) else value
+
+
+def _in_place(owner: Any, attr: str) -> bool:
+    """Whether the slot holds a shard (``DTensor``): released and refilled in place, never rebound."""
+    value = owner[attr] if isinstance(owner, dict) else getattr(owner, attr)
+    return isinstance(value, DTensor)
 
 
 def _set(owner: Any, attr: str, value: torch.Tensor) -> None:
@@ -86,6 +96,8 @@ class Offloader:
     folder: Path | str | None = None
     mode: str | None = field(default=None, init=False)
     _meta: dict[str, tuple[torch.device, torch.dtype, torch.Size]] = field(default_factory=dict, init=False)
+    _held: dict[str, torch.Tensor] = field(default_factory=dict, init=False)  # cpu mode: the shards' copies
+    _storage_bytes: dict[str, int] = field(default_factory=dict, init=False)  # shards' storage sizes
 
     @property
     def offloaded(self) -> bool:
@@ -105,10 +117,15 @@ class Offloader:
         moved = sum(_get(o, a).numel() * _get(o, a).element_size() for o, a in slots.values())
         if mode == "cpu":
             pin = torch.cuda.is_available()
-            for owner, attr in slots.values():
+            for key, (owner, attr) in slots.items():
                 t = _get(owner, attr)
                 cpu = t.detach().to("cpu", copy=True)
-                _set(owner, attr, cpu.pin_memory() if pin and t.device.type != "cpu" else cpu)
+                cpu = cpu.pin_memory() if pin and t.device.type != "cpu" else cpu
+                if _in_place(owner, attr):
+                    self._held[key] = cpu
+                    self._release(key, t)
+                else:
+                    _set(owner, attr, cpu)
         else:
             folder = self._folder()
             folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +133,10 @@ class Offloader:
             save_file(tensors, str(folder / "tensors.safetensors"))
             del tensors
             for key, (owner, attr) in slots.items():
-                _set(owner, attr, torch.empty(0, dtype=self._meta[key][1], device=self._meta[key][0]))
+                if _in_place(owner, attr):
+                    self._release(key, _get(owner, attr))
+                else:
+                    _set(owner, attr, torch.empty(0, dtype=self._meta[key][1], device=self._meta[key][0]))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return moved
@@ -133,11 +153,22 @@ class Offloader:
         stored = load_file(str(self._folder() / "tensors.safetensors")) if self.mode == "disk" else None
         for key, (owner, attr) in slots.items():
             device, dtype, shape = self._meta[key]
+            if _in_place(owner, attr):
+                local = _get(owner, attr)
+                local.untyped_storage().resize_(self._storage_bytes[key])
+                local.copy_(stored[key] if stored is not None else self._held[key])
+                continue
             src = stored[key] if stored is not None else _get(owner, attr)
             _set(owner, attr, src.to(device=device, dtype=dtype).reshape(shape))
         if self.mode == "disk":
             shutil.rmtree(self._folder(), ignore_errors=True)
-        self.mode = None
+        self.mode, self._held, self._storage_bytes = None, {}, {}
+
+    def _release(self, key: str, local: torch.Tensor) -> None:
+        """Frees a shard's memory, keeping the tensor (its storage is resized back on onload)."""
+        storage = local.untyped_storage()
+        self._storage_bytes[key] = storage.nbytes()
+        storage.resize_(0)
 
     def _folder(self) -> Path:
         if self.folder is None:

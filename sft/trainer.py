@@ -354,14 +354,18 @@ class SFTTrainer:
         return history
 
     # ------------------------------------------------------------------------------------------- checkpoint
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, weights: bool = True) -> dict[str, Any]:
         """Everything needed to resume exactly: model, optimizer, scheduler, step, RNG states, data position.
 
         Tensors are the live ones; serialise (``torch.save``) or copy before training on.
+
+        Args:
+            weights: Include the model's and the optimizer's state (``False``: the rest only, for checkpoints
+                that save those two sharded, see :class:`grpo.orchestration.checkpointing.StepCheckpoints`).
         """
+        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **tensors,
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "rng": _rng_state(),
@@ -375,20 +379,22 @@ class SFTTrainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores a :meth:`state_dict`; the data and settings must match those it was saved with.
+        """Restores a :meth:`state_dict` (without ``model`` and ``optimizer``: the rest only); the data and settings
+        must match those it was saved with.
 
         Raises:
             ValueError: when the data layout (examples, packing, seed, steps) differs from the saved one.
         """
-        mine = self.state_dict()["data"]
+        mine = self.state_dict(weights=False)["data"]
         for key, saved in state["data"].items():
             if mine.get(key) != saved:
                 raise ValueError(
                     f"sft state was saved with {key}={saved}, this trainer has {key}={mine.get(key)}; "
                     f"resume with the same data and settings"
                 )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "model" in state:  # else restored by the caller (a sharded checkpoint)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         _set_rng_state(state["rng"])

@@ -29,7 +29,7 @@ from grpo.orchestration.checkpointing import Progress
 from grpo.orchestration.phases.registry import PHASE_RUNNERS
 from grpo.orchestration.recipe import Recipe, to_dict
 from grpo.orchestration.workers import (
-    PolicyWorker,
+    PolicyGroup,
     RolloutWorker,
     load_policy,
     preflight_weight_sync,
@@ -157,16 +157,20 @@ class Pipeline:
                 preflight_weight_sync(str(self.ckpt(BASE)), getattr(self.recipe, phase).engine)
 
     # -- roles ----------------------------------------------------------------------------------------------------
-    def policy_worker(self) -> Any:
-        import ray
-
+    def policy_worker(self) -> PolicyGroup:
+        """The trainer ranks (``ray.num_train_workers``), started on first use and brought back from offload."""
         if self.policy is None:
-            cfg = self.recipe.model
-            actor = remote(PolicyWorker, num_cpus=0.5)
-            self.policy = actor.remote(str(self.current_policy()), threads=self.threads, dtype=cfg.dtype,
-                                       device=self._device(), gradient_checkpointing=cfg.gradient_checkpointing)
+            cfg, ray_cfg = self.recipe.model, self.recipe.ray
+            n, device = ray_cfg.num_train_workers, self._device()
+            threads = self.threads
+            if ray_cfg.threads_per_worker is None and ray_cfg.train_placement == "pack":
+                threads = max(1, threads // n)  # ranks packed on one node train at once: they share its cores
+            self.policy = PolicyGroup.start(
+                n, str(self.current_policy()), cpus=ray_cfg.train_cpus, gpus=1 if device == "cuda" else 0,
+                spread=ray_cfg.train_placement == "spread", threads=threads, dtype=cfg.dtype, device=device,
+                gradient_checkpointing=cfg.gradient_checkpointing)
         elif self.offloaded:
-            ray.get(self.policy.onload.remote())
+            self.policy.call("onload")
             self.offloaded = False
         return self.policy
 
@@ -200,7 +204,7 @@ class Pipeline:
         import ray
 
         if self.policy is not None and not self.offloaded and self.recipe.offload != "none":
-            moved = ray.get(self.policy.offload.remote(self.recipe.offload, str(self.run_dir / "offload")))
+            moved = sum(self.policy.call_each("offload", self.recipe.offload, str(self.run_dir / "offload")))
             self.offloaded = True
             print(f"[grpo] offloaded the idle policy ({moved / 2**20:.1f} MiB)", flush=True)
         if self.rollouts:

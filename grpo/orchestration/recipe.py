@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -49,15 +49,28 @@ class RayConfig:
         num_cpus: CPUs of the embedded instance (None: all).
         num_rollout_workers: Rollout actors; prompts are split across them.
         rollout_cpus: CPUs reserved by each rollout actor.
+        num_train_workers: Trainer ranks: the policy is sharded over them (FSDP2) and each computes its share of
+            every minibatch (the update equals one rank's).
+        train_cpus: CPUs reserved by each trainer rank (on GPU each rank also takes one GPU).
+        train_placement: ``pack`` puts the trainer ranks on as few nodes as hold them; ``spread`` puts each on
+            its own node.
         threads_per_worker: torch threads of each actor (None: all cores of its node; the roles take turns,
-            so each may use them all).
+            so each may use them all, and trainer ranks packed on one node share them).
     """
 
     address: str | None = None
     num_cpus: int | None = None
     num_rollout_workers: int = 1
     rollout_cpus: float = 0.5
+    num_train_workers: int = 1
+    train_cpus: float = 0.5
+    train_placement: Literal["pack", "spread"] = "pack"
     threads_per_worker: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_rollout_workers", "num_train_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The roles of a run as Ray actors, and the proxies that let the trainer talk to them.
 
-* :class:`PolicyWorker` — the trainer: policy, optimizer, SFT and GRPO steps, checkpoints, offload.
+* :class:`PolicyWorker` — a trainer rank: policy (sharded over the ranks when there are several), optimizer,
+  SFT and GRPO steps, checkpoints, offload; :class:`PolicyGroup` drives the N ranks as one.
 * :class:`RolloutWorker` — a rollout engine (``torch`` or ``vllm``) that follows the trainer's weights.
 * :class:`ReferenceWorker` — the frozen reference policy's log-probs for the KL penalty.
 * :class:`RewardWorker` — rule rewards and reward models combined into one weighted score.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +29,7 @@ from grpo.config import GRPOConfig
 from grpo.logprobs import sequence_logprobs
 from grpo.orchestration.checkpointing import StepCheckpoints, atomic_dir
 from grpo.trainer import GRPOTrainer, encode_prompt
+from model.distributed import SINGLE, DataParallel, gathered, shard_model, state_of
 from model.registry import Registry
 from rewards.answers import extract_answer
 from rewards.combine import RewardSpec, combine
@@ -53,12 +56,13 @@ def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu") -
 
 
 def save_policy(model: torch.nn.Module, path: str | Path, tokenizer: Any) -> None:
-    """Saves a Hugging Face folder atomically (ours does it itself; transformers models through a temp dir)."""
+    """Saves a Hugging Face folder atomically (ours does it itself; transformers models through a temp dir).
+    A sharded model is saved whole: call it inside :func:`model.distributed.gathered`."""
     if hasattr(model, "named_hf_weights"):
         model.save_pretrained(path, tokenizer=tokenizer)
         return
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_of(model))
         tokenizer.save_pretrained(tmp)
 
 
@@ -267,21 +271,48 @@ class RewardWorker:
 
 
 class PolicyWorker:
-    """The trainer role: holds the policy and its optimizer through SFT and both RL stages.
+    """A trainer rank: holds the policy and its optimizer through SFT and both RL stages.
 
-    Between phases the idle policy is offloaded (parameters, gradients and optimizer state; see
-    :mod:`rollout.offload`) and brought back before use.
+    With several ranks (``world_size > 1``) every rank loads the same checkpoint, the ranks join one
+    ``torch.distributed`` group (:meth:`rendezvous` on rank 0, then :meth:`join` on all, gloo on CPU and NCCL on
+    GPU) and the policy is sharded over them with FSDP2 (:func:`model.distributed.shard_model`). Every method
+    is then called on every rank (they meet in collectives), except :meth:`rl_evaluate` (rank 0, which owns the
+    rollout engines, the reward and the reference). Between phases the idle policy is offloaded (parameters,
+    gradients and optimizer state, each rank its own shards; see :mod:`rollout.offload`) and brought back.
     """
 
     def __init__(self, checkpoint: str, threads: int | None = None, dtype: str = "float32", device: str = "cpu",
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, rank: int = 0, world_size: int = 1) -> None:
         _set_threads(threads)
         self.tokenizer = load_tokenizer(checkpoint)
         self.policy = load_policy(checkpoint, dtype, device)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.dp: DataParallel = SINGLE
         self.trainer: Any = None
         self.offloader: Offloader | None = None
+
+    # -- ranks --------------------------------------------------------------------------------------------------
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's address for the process group: this node's IP and a free port."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def join(self, host: str, port: int) -> None:
+        """Joins the trainer ranks' process group at rank 0's ``host:port`` and shards the policy over them."""
+        import torch.distributed as dist
+
+        backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                world_size=self.world_size)
+        self.dp = DataParallel.current()
+        compute = torch.bfloat16 if backend == "nccl" else None  # bf16 compute with float32 reduce on GPU
+        shard_model(self.policy, self.dp, param_dtype=compute)
 
     # -- SFT --------------------------------------------------------------------------------------------------
     def sft(self, rows: list[dict], config: Any, state_dir: str, save_every: int, resume: bool
@@ -291,11 +322,12 @@ class PolicyWorker:
         checkpoints = StepCheckpoints(state_dir)
 
         def save(trainer: SFTTrainer) -> None:
-            checkpoints.save(trainer.step, trainer.state_dict())
+            checkpoints.save_trainer(trainer.step, trainer.model, trainer.optimizer,
+                                     trainer.state_dict(weights=False), self.dp)
 
         trainer = SFTTrainer(self.policy, self.tokenizer, rows, config, save_fn=save, save_every=save_every,
-                             log_fn=lambda m: history.append(asdict(m)))
-        latest = checkpoints.load_latest() if resume else None
+                             log_fn=lambda m: history.append(asdict(m)), dp=self.dp)
+        latest = checkpoints.load_trainer(trainer.model, trainer.optimizer, self.dp) if resume else None
         if latest is not None:
             trainer.load_state_dict(latest[1])
         trainer.train()
@@ -314,8 +346,10 @@ class PolicyWorker:
         elif config.carry_optimizer_state:
             log.warning("carry_optimizer_state: no earlier RL stage ran in this process (a stage launched alone, "
                         "or the first stage), so this stage starts from fresh Adam moments")
-        self.trainer = GRPOTrainer(self.policy, RolloutGroup(rollout_workers), RemoteReward(reward_worker),
-                                   self.tokenizer, config, ref_model=ref, optimizer_state=carried)
+        main = self.dp.is_main  # rank 0 samples, scores and asks the reference; the others only train
+        self.trainer = GRPOTrainer(self.policy, RolloutGroup(rollout_workers) if main else None,
+                                   RemoteReward(reward_worker) if main else None, self.tokenizer, config,
+                                   ref_model=ref, optimizer_state=carried, dp=self.dp)
         self.trainer.sync_weights()
 
     def rl_step(self, rows: list[dict], refill_rows: list[dict] | None = None) -> dict[str, float]:
@@ -342,13 +376,14 @@ class PolicyWorker:
         return {"eval/accuracy": sum(valid) / max(1, len(valid)),
                 "eval/answer_rate": sum(extract_answer(t, answer_mode) is not None for t in texts) / len(texts)}
 
-    def save_rl_state(self, state_dir: str, step: int, extra: dict[str, Any]) -> str:
-        state = self.trainer.state_dict()
+    def save_rl_state(self, state_dir: str, step: int, extra: dict[str, Any]) -> str | None:
+        state = self.trainer.state_dict(weights=False)
         state["extra"] = extra
-        return str(StepCheckpoints(state_dir).save(step, state))
+        path = StepCheckpoints(state_dir).save_trainer(step, self.policy, self.trainer.optimizer, state, self.dp)
+        return None if path is None else str(path)
 
     def load_rl_state(self, state_dir: str) -> tuple[int, dict[str, Any]] | None:
-        latest = StepCheckpoints(state_dir).load_latest()
+        latest = StepCheckpoints(state_dir).load_trainer(self.policy, self.trainer.optimizer, self.dp)
         if latest is None:
             return None
         step, state = latest
@@ -357,11 +392,17 @@ class PolicyWorker:
 
     # -- checkpoints and offload ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str) -> None:
-        save_policy(self.policy, path, self.tokenizer)
+        """Saves the policy whole as a Hugging Face folder (gathered on every rank, written by rank 0)."""
+        with gathered(self.policy):
+            if self.dp.is_main:
+                save_policy(self.policy, path, self.tokenizer)
+        self.dp.barrier()
 
     def offload(self, mode: str, folder: str) -> int:
+        """Offloads this rank's policy (its shards) and optimizer state; returns the bytes moved."""
         optimizer = self.trainer.optimizer if self.trainer is not None else None
-        self.offloader = Offloader(self.policy, optimizer, folder=folder)
+        where = Path(folder) / f"rank{self.dp.rank}" if self.dp.enabled else folder
+        self.offloader = Offloader(self.policy, optimizer, folder=where)
         return self.offloader.offload(mode)
 
     def onload(self) -> None:
@@ -371,6 +412,92 @@ class PolicyWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+class PolicyGroup:
+    """The trainer ranks (:class:`PolicyWorker` actors), driven as one.
+
+    :meth:`call` runs a method on every rank, which is what collectives need, and returns rank 0's result;
+    :meth:`call_main` runs one on rank 0 alone.
+
+    Args:
+        actors: The ranks' actor handles, rank 0 first.
+        placement: The placement group holding them (``None`` for one rank).
+    """
+
+    def __init__(self, actors: Sequence[Any], placement: Any = None) -> None:
+        self.actors, self.placement = list(actors), placement
+
+    @classmethod
+    def start(cls, n: int, checkpoint: str, *, cpus: float, gpus: float = 0, spread: bool = False,
+              ready_timeout: float = 120.0, **worker_kwargs: Any) -> PolicyGroup:
+        """Starts ``n`` ranks in a placement group (packed on one node when they fit, else over several;
+        ``spread``: one rank per node) and joins them in one process group.
+
+        Raises:
+            RuntimeError: when the cluster cannot place the ranks within ``ready_timeout`` seconds, naming what
+                each rank asks for.
+        """
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if n == 1:
+            return cls([remote(PolicyWorker, num_cpus=cpus, num_gpus=gpus).remote(checkpoint, **worker_kwargs)])
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        group = placement_group([bundle] * n, strategy="STRICT_SPREAD" if spread else "PACK")
+        try:
+            ray.get(group.ready(), timeout=ready_timeout)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(group)
+            raise RuntimeError(
+                f"cannot place {n} trainer ranks of {bundle} each{' on separate nodes' if spread else ''} within "
+                f"{ready_timeout:.0f} s; the cluster has {ray.cluster_resources()} (lower ray.num_train_workers "
+                f"or ray.train_cpus, or add nodes)") from None
+        actors = [remote(PolicyWorker, num_cpus=cpus, num_gpus=gpus, scheduling_strategy=(
+            PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank))).remote(
+                checkpoint, rank=rank, world_size=n, **worker_kwargs) for rank in range(n)]
+        host, port = ray.get(actors[0].rendezvous.remote())
+        ray.get([actor.join.remote(host, port) for actor in actors])
+        return cls(actors, group)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Runs ``method`` on every rank (arguments sent once through the object store); rank 0's result."""
+        return self.call_each(method, *args, **kwargs)[0]
+
+    def call_each(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Runs ``method`` on every rank; every rank's result, in rank order."""
+        import ray
+
+        if len(self.actors) > 1:
+            args = tuple(ray.put(a) for a in args)
+            kwargs = {k: ray.put(v) for k, v in kwargs.items()}
+        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+
+    def call_main(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Runs ``method`` on rank 0 only."""
+        import ray
+
+        return ray.get(getattr(self.actors[0], method).remote(*args, **kwargs))
+
+    def node_ids(self) -> list[str]:
+        """The node of every rank, in rank order."""
+        return self.call_each("node_id")
+
+    def stop(self) -> None:
+        """Kills the ranks and frees their placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
 
 
 def remote(cls: type, **options: Any) -> Any:

@@ -1,10 +1,12 @@
 """Two sharded trainer ranks (FSDP2 over gloo) compute the update one unsharded rank computes on the same batch."""
 
+import contextlib
+
 import pytest
 import torch
 
 from model.distributed import SINGLE, DataParallel
-from tests.helpers.data_parallel import GRPO_CASES, run_cases, spawn_ranks
+from tests.helpers.data_parallel import GRPO_CASES, resume_from, run_cases, spawn_ranks
 
 
 def test_share_pads_with_fillers_so_every_rank_runs_alike():
@@ -18,14 +20,56 @@ def test_share_pads_with_fillers_so_every_rank_runs_alike():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("dp")
+
+
+@pytest.fixture(scope="module")
+def runs(root):
+    with one_thread():
+        one = run_cases(SINGLE, root)
+    return one, spawn_ranks(2, root)
+
+
+@contextlib.contextmanager
+def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: CPU matmuls may round differently with other thread counts
     try:
-        one = run_cases(SINGLE)
+        yield
     finally:
         torch.set_num_threads(threads)
-    return one, spawn_ranks(2, tmp_path_factory.mktemp("dp"))
+
+
+def _same_run(got, want):
+    for a, b in zip(want["losses"], got["losses"]):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    assert got["state"].keys() == want["state"].keys()
+    for name, value in want["state"].items():
+        torch.testing.assert_close(got["state"][name], value, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_checkpoint_of_two_ranks_is_sharded_and_resumes_on_one(runs, root):
+    files = sorted(p.name for p in (root / "sft2" / "step_000001" / "shards").glob("*.distcp"))
+    assert files == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shards
+    with one_thread():
+        resumed = resume_from(SINGLE, root / "sft2")
+    assert resumed["step"] == 1
+    _same_run(resumed, runs[1]["saved"])
+
+
+def test_a_checkpoint_of_one_rank_resumes_on_two(runs):
+    assert runs[1]["resumed_from_one"]["step"] == 1
+    _same_run(runs[1]["resumed_from_one"], runs[0]["saved"])
+
+
+def test_each_rank_offloads_its_own_shards_bit_exactly(runs):
+    out = runs[1]["offload"]
+    for mode, (moved, left) in out["released"].items():
+        assert moved > 0 and left == 0, mode  # every shard's memory was released while offloaded
+    assert out["bit_exact"]
+    assert out["loss_after"] > 0
 
 
 @pytest.mark.parametrize("case", [*GRPO_CASES, "sft"])

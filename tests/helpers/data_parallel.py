@@ -16,12 +16,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from grpo.config import GRPOConfig
 from grpo.data import tasks
+from grpo.orchestration.checkpointing import StepCheckpoints
 from grpo.trainer import GRPOTrainer
 from model import DeepSeekConfig, DeepSeekForCausalLM
 from model.distributed import DataParallel, gathered, shard_model
+from rollout.offload import Offloader
 from rollout.torch_engine import TorchEngine
 from sft.trainer import SFTConfig, SFTTrainer
 from tests.helpers.chat import char_tokenizer
@@ -89,6 +92,57 @@ def sft_case(dp: DataParallel) -> dict[str, Any]:
             "initial": initial, "state": _whole_state(model)}
 
 
+def _sft_trainer(dp: DataParallel) -> SFTTrainer:
+    tokenizer = char_tokenizer()
+    model = shard_model(chat_llama(len(tokenizer)).train(), dp)
+    return SFTTrainer(model, tokenizer, tasks.arithmetic(36, seed=0),
+                      SFTConfig(lr=1e-2, batch_size=4, grad_accum=3, progress=False, seed=0), dp=dp)
+
+
+def save_and_continue(dp: DataParallel, root: Path) -> dict[str, Any]:
+    """One SFT step, a trainer checkpoint in ``root`` (each rank writes its shards), then two more steps."""
+    trainer = _sft_trainer(dp)
+    trainer.train_step()
+    StepCheckpoints(root).save_trainer(trainer.step, trainer.model, trainer.optimizer,
+                                       trainer.state_dict(weights=False), dp)
+    losses = [trainer.train_step().loss for _ in range(2)]
+    return {"losses": losses, "state": _whole_state(trainer.model)}
+
+
+def resume_from(dp: DataParallel, root: Path) -> dict[str, Any]:
+    """A fresh trainer restored from ``root``'s checkpoint (saved with any number of ranks), then two steps."""
+    trainer = _sft_trainer(dp)
+    step, state = StepCheckpoints(root).load_trainer(trainer.model, trainer.optimizer, dp)
+    trainer.load_state_dict(state)
+    losses = [trainer.train_step().loss for _ in range(2)]
+    return {"step": step, "losses": losses, "state": _whole_state(trainer.model)}
+
+
+def offload_case(dp: DataParallel, folder: Path) -> dict[str, Any]:
+    """Offloads a sharded trainer (parameters, gradients, Adam moments) and brings it back, in both modes."""
+    trainer = _sft_trainer(dp)
+    trainer.train_step()
+    for param in trainer.model.parameters():  # gradients exist too
+        param.grad = torch.full_like(param, 0.5)
+
+    def tensors() -> list[torch.Tensor]:
+        out = [p.to_local() for p in trainer.model.parameters()] + [p.grad.to_local() for p in
+                                                                   trainer.model.parameters()]
+        out += [v.to_local() for st in trainer.optimizer.state.values() for v in st.values()
+                if isinstance(v, DTensor)]  # the moments (Adam's step counts are plain scalars)
+        return out
+
+    before = [t.clone() for t in tensors()]
+    released = {}
+    for mode in ("disk", "cpu"):
+        offloader = Offloader(trainer.model, trainer.optimizer, folder=folder / f"rank{dp.rank}")
+        moved = offloader.offload(mode)
+        released[mode] = (moved, sum(t.untyped_storage().nbytes() for t in tensors()))
+        offloader.onload()
+    return {"released": released, "bit_exact": all(torch.equal(a, b) for a, b in zip(before, tensors())),
+            "loss_after": trainer.train_step().loss}
+
+
 def no_reference_error(dp: DataParallel) -> str:
     """The error of a trainer asked to copy a sharded policy into its reference (empty when there is none)."""
     tokenizer = word_tokenizer()
@@ -101,11 +155,16 @@ def no_reference_error(dp: DataParallel) -> str:
     return ""
 
 
-def run_cases(dp: DataParallel) -> dict[str, Any]:
-    """Every case, in order (each rank runs them all: their collectives pair up)."""
+def run_cases(dp: DataParallel, root: Path) -> dict[str, Any]:
+    """Every case, in order (each rank runs them all: their collectives pair up). Checkpoints go to
+    ``root/sft<N>``; the one-rank run comes first, so N ranks also resume from its checkpoint."""
     out: dict[str, Any] = {name: grpo_case(dp, **settings) for name, settings in GRPO_CASES.items()}
     out["sft"] = sft_case(dp)
     out["no_reference_error"] = no_reference_error(dp)
+    out["saved"] = save_and_continue(dp, root / f"sft{dp.world_size}")
+    if dp.enabled:
+        out["resumed_from_one"] = resume_from(dp, root / "sft1")
+        out["offload"] = offload_case(dp, root / "offload")
     return out
 
 
@@ -114,7 +173,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = run_cases(DataParallel.current())
+        results = run_cases(DataParallel.current(), Path(out).parent)
         if rank == 0:
             torch.save(results, out)
     finally:

@@ -63,12 +63,12 @@ def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
     if g.beta > 0:
         reference = remote(ReferenceWorker, num_cpus=0.25).remote(str(p.current_policy()), threads=p.threads,
                                                                   dtype=p.recipe.model.dtype, device=p._device())
-    ray.get(policy.start_rl.remote(g, rollouts, reward, reference))
+    policy.call("start_rl", g, rollouts, reward, reference)
     state_dir = str(p.run_dir / "state" / phase)
     sampler = PromptSampler(len(rows), g.seed)
     start = 0
     if p.recipe.resume:
-        resumed = ray.get(policy.load_rl_state.remote(state_dir))
+        resumed = policy.call("load_rl_state", state_dir)
         if resumed is not None:
             start, extra = resumed
             sampler.load(extra["sampler"])
@@ -79,15 +79,15 @@ def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
     for step in bar:
         batch = [rows[i] for i in sampler.take(g.prompts_per_step)]
         pool = [rows[i] for i in sampler.take(refill)] if refill else None
-        metrics = ray.get(policy.rl_step.remote(batch, pool))
+        metrics = policy.call("rl_step", batch, pool)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            metrics.update(ray.get(policy.rl_evaluate.remote(eval_rows, p.recipe.eval.max_new_tokens,
-                                                             p.recipe.eval.answer_mode)))
+            metrics.update(policy.call_main("rl_evaluate", eval_rows, p.recipe.eval.max_new_tokens,
+                                            p.recipe.eval.answer_mode))
         p.logger.log(phase, step + 1, metrics)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}")
         if (step + 1) % p.recipe.checkpoint_every == 0 or step + 1 == cfg.steps:
-            ray.get(policy.save_rl_state.remote(state_dir, step + 1, {"sampler": sampler.state()}))
-    ray.get(policy.save_pretrained.remote(str(p.ckpt(phase))))
+            policy.call("save_rl_state", state_dir, step + 1, {"sampler": sampler.state()})
+    policy.call("save_pretrained", str(p.ckpt(phase)))
     for worker in (reward, reference):
         if worker is not None:
             ray.kill(worker)

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 @PHASE_RUNNERS.register(SFT)
 def run(p: Pipeline) -> None:
     """Fine-tunes the policy worker's model on ``sft.data``; saves ``checkpoints/sft``."""
-    import ray
-
     cfg = p.recipe.sft
     rows = [row for spec in cfg.data for row in rows_of(spec)]
     policy = p.policy_worker()
@@ -26,9 +24,8 @@ def run(p: Pipeline) -> None:
         latest = (state_dir / "latest")
         p.logger.truncate_after("sft", int(latest.read_text().split("_")[1]) if latest.exists() else 0)
     train = dataclasses.replace(cfg.train, seed=p.recipe.seed + cfg.train.seed)
-    history = ray.get(policy.sft.remote(rows, train, str(state_dir), p.recipe.checkpoint_every,
-                                        p.recipe.resume))
+    history = policy.call("sft", rows, train, str(state_dir), p.recipe.checkpoint_every, p.recipe.resume)
     for m in history:
         p.logger.log("sft", int(m.pop("step")), m)
-    ray.get(policy.save_pretrained.remote(str(p.ckpt("sft"))))
+    policy.call("save_pretrained", str(p.ckpt("sft")))
     p.progress.complete("sft", {"steps": len(history)})

@@ -49,22 +49,31 @@ def test_every_bundled_recipe_parses():
         load_recipe(name)
 
 
-@pytest.mark.slow
-def test_kill_mid_phase_then_resume_matches_uninterrupted(tmp_path):
-    # A micro step takes ~0.1 s, so the phase runs many steps and the kill lands on whatever step is in flight
-    # once a step-2 (or later) checkpoint exists.
-    steps = 24
-    full = micro_recipe(tmp_path / "a", steps)
-    run_grpo("run", str(full), timeout=600)
+KILL_STEPS = 24
 
-    killed = micro_recipe(tmp_path / "b", steps)
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The micro recipe run through once on one trainer rank."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_grpo("run", str(micro_recipe(out, KILL_STEPS)), timeout=600)
+    return out / "micro"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks, resumed_ranks", [(1, 1), (2, 2), (2, 1)])
+def test_kill_mid_phase_then_resume_matches_uninterrupted(tmp_path, uninterrupted, ranks, resumed_ranks):
+    # A micro step takes ~0.1 s, so the phase runs many steps and the kill lands on whatever step is in flight
+    # once a step-2 (or later) checkpoint exists. N trainer ranks compute one rank's update, and a checkpoint
+    # written by N ranks resumes on any number of them.
+    killed = micro_recipe(tmp_path / "b", KILL_STEPS)
     log = (tmp_path / "killed.log").open("w")  # the killed run's output, shown if it ends before the kill
-    proc = subprocess.Popen(grpo_cmd("run", str(killed)), env=child_env(), cwd=ROOT, start_new_session=True,
-                            stdout=log, stderr=subprocess.STDOUT)
-    latest = tmp_path / "b" / "micro" / "state" / "rl_reason" / "latest"
+    proc = subprocess.Popen(grpo_cmd("run", str(killed), f"ray.num_train_workers={ranks}"), env=child_env(),
+                            cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    state = tmp_path / "b" / "micro" / "state" / "rl_reason"
 
     def saved_step() -> int:
-        text = latest.read_text().strip() if latest.exists() else ""
+        text = (state / "latest").read_text().strip() if (state / "latest").exists() else ""
         return int(text.removeprefix("step_")) if text else 0
 
     deadline = time.time() + 600
@@ -76,16 +85,18 @@ def test_kill_mid_phase_then_resume_matches_uninterrupted(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and every worker
     proc.wait()
     assert not (tmp_path / "b" / "micro" / "checkpoints" / "rl_reason").exists()
-    assert not list((tmp_path / "b" / "micro" / "state" / "rl_reason").glob(".*.tmp"))
+    assert not list(state.glob(".*.tmp"))  # no half-written checkpoint is left where a reader looks
+    shards = sorted(p.name for p in (state / (state / "latest").read_text().strip() / "shards").glob("*.distcp"))
+    assert len(shards) == ranks, shards  # every rank wrote its own shards
 
-    run_grpo("run", str(killed), "resume=true", timeout=600)
-    a, b = rl_metrics(tmp_path / "a" / "micro"), rl_metrics(tmp_path / "b" / "micro")
-    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    run_grpo("run", str(killed), "resume=true", f"ray.num_train_workers={resumed_ranks}", timeout=600)
+    a, b = rl_metrics(uninterrupted), rl_metrics(tmp_path / "b" / "micro")
+    assert [r["step"] for r in b] == list(range(1, KILL_STEPS + 1))
     for ra, rb in zip(a, b):
         for key, value in ra.items():
             if isinstance(value, float):
                 assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (ra["step"], key)
-    wa = load_file(str(tmp_path / "a" / "micro" / "checkpoints" / "rl_reason" / "model.safetensors"))
+    wa = load_file(str(uninterrupted / "checkpoints" / "rl_reason" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "micro" / "checkpoints" / "rl_reason" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for name in wa:
@@ -93,22 +104,28 @@ def test_kill_mid_phase_then_resume_matches_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_rollout_workers_spread_over_two_nodes(tmp_path):
+def test_rollout_workers_and_trainer_ranks_spread_over_two_nodes(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
     from grpo.orchestration.controller import Pipeline
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
     try:
-        path = micro_recipe(tmp_path, steps=1, ray={"address": cluster.address, "num_rollout_workers": 2})
+        path = micro_recipe(tmp_path, steps=1, ray={"address": cluster.address, "num_rollout_workers": 2,
+                                                    "num_train_workers": 2, "train_placement": "spread"})
         recipe = load_recipe(str(path), ["phases=[rl_reason]"])
         ray.init(address=cluster.address)
         pipeline = Pipeline(recipe)
         pipeline.run()
         nodes = ray.get([w.node_id.remote() for w in pipeline.rollouts])
         assert len(set(nodes)) == 2, nodes
+        trainer_nodes = pipeline.policy.node_ids()
+        assert len(set(trainer_nodes)) == 2, trainer_nodes  # one trainer rank on each node, trained together
+        assert [r["step"] for r in logged(recipe.run_dir, "rl_reason")] == [1]
+        shards = (recipe.run_dir / "state" / "rl_reason" / "step_000001" / "shards").glob("*.distcp")
+        assert len(list(shards)) == 2  # both ranks hold and saved their shards of the policy
         assert (recipe.run_dir / "checkpoints" / "rl_reason" / "config.json").exists()
     finally:
         ray.shutdown()

@@ -35,15 +35,16 @@ from model.distributed import (
     DataParallel,
     clip_grad_norm,
     filler_forward,
-    gathered,
     is_sharded,
     sum_router_loads,
 )
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
 from rollout.weights import (
+    Fingerprint,
     StaleWeightsError,
     WeightReport,
     bucketed,
+    candidate_fingerprints,
     check_names,
     compare_fingerprints,
     named_weights,
@@ -286,9 +287,12 @@ class GRPOTrainer:
         if isinstance(self.ref_model, nn.Module):
             self.ref_model.load_state_dict(self.policy.state_dict())
             return
-        with gathered(self.policy):
+        named = []
+        for name, tensor in named_weights(self.policy):  # every rank gathers a sharded policy's tensors
             if self.dp.is_main:
-                self.ref_model.update_weights([(n, t.clone()) for n, t in named_weights(self.policy)])
+                named.append((name, tensor.clone()))
+        if self.dp.is_main:  # a remote reference serves rank 0
+            self.ref_model.update_weights(named)
 
     def _ref_logprobs(self, batch: Trajectories) -> Tensor:
         if isinstance(self.ref_model, nn.Module):
@@ -403,33 +407,50 @@ class GRPOTrainer:
         timer = _PhaseTimer(metrics)
         checking = self.config.sync_check
         probes: list[WeightReport] = []
-        stack = contextlib.ExitStack()
-        with stack:  # a sharded policy stays gathered whole on every rank until rank 0 has sent and compared it
-            with timer("sync"):
-                stack.enter_context(gathered(self.policy))
-                sent = self._send_weights(bucket_bytes) if self.dp.is_main else {}
-            if self.dp.is_main:
-                metrics["sync/bytes"] = float(sum(t.numel() * t.element_size() for t in sent.values()))
-                if checking:
-                    with timer("sync_check"):
-                        metrics["sync/checked_tensors"], probes = self._check_fingerprints(sent)
+        with timer("sync"):
+            sent, nbytes = self._send_weights(bucket_bytes)
+        if self.dp.is_main:
+            metrics["sync/bytes"] = float(nbytes)
+            if checking:
+                with timer("sync_check"):
+                    metrics["sync/checked_tensors"], probes = self._check_fingerprints(sent)
         if checking and self.dp.broadcast(bool(probes)):  # the probe is a forward: every rank runs it
             with timer("sync_check"):
                 self._check_probes(probes)
 
-    def _send_weights(self, bucket_bytes: int) -> dict[str, Tensor]:
-        """Sends the policy's weights to the engine in buckets (names checked first); returns what was sent."""
+    def _send_weights(self, bucket_bytes: int) -> tuple[dict[str, Tensor | dict[str, Fingerprint]], int]:
+        """Sends the policy's weights to the engine in buckets (names checked first).
+
+        Every rank runs it: a sharded policy's tensors are gathered whole one at a time as the buckets fill
+        (never the whole model at once) and rank 0 sends each bucket.
+
+        Returns:
+            What rank 0 sent (name -> the tensor, or for a sharded policy, whose gathered tensors are freed
+            after their bucket, its fingerprints in every dtype an engine may hold it in), and how many bytes.
+        """
+        main, sharded = self.dp.is_main, is_sharded(self.policy)
         if not self._sync_names_checked:  # engines outside the RolloutEngine ABC may lack these hooks
-            accepted = getattr(self.engine, "accepted_weights", lambda: None)()
+            shapes = {n: tuple(t.shape) for n, t in named_weights(self.policy)}  # every rank: gathers if sharded
+            error = None
+            accepted = getattr(self.engine, "accepted_weights", lambda: None)() if main else None
             if accepted is not None:
-                check_names({n: tuple(t.shape) for n, t in named_weights(self.policy)}, accepted,
-                            getattr(self.engine, "description", type(self.engine).__name__))
+                try:
+                    check_names(shapes, accepted, getattr(self.engine, "description", type(self.engine).__name__))
+                except (KeyError, ValueError) as exc:
+                    error = exc
+            error = self.dp.broadcast(error)  # every rank stops, not only rank 0
+            if error is not None:
+                raise error
             self._sync_names_checked = True
-        sent: dict[str, Tensor] = {}
+        sent: dict[str, Tensor | dict[str, Fingerprint]] = {}
+        nbytes = 0
         for bucket in bucketed(named_weights(self.policy), bucket_bytes):
+            if not main:
+                continue
             self.engine.update_weights(bucket)
-            sent.update(bucket)
-        return sent
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            sent.update({n: candidate_fingerprints(t) for n, t in bucket} if sharded else bucket)
+        return sent, nbytes
 
     def check_sync(self, sent: dict[str, Tensor]) -> int:
         """The stale-weight guard: every engine replica must hold ``sent``, judged by fingerprints per tensor
@@ -447,7 +468,7 @@ class GRPOTrainer:
         return checked
 
     @torch.no_grad()
-    def _check_fingerprints(self, sent: dict[str, Tensor]) -> tuple[int, list[WeightReport]]:
+    def _check_fingerprints(self, sent: dict[str, Tensor | dict[str, Fingerprint]]) -> tuple[int, list[WeightReport]]:
         """Compares the replicas' fingerprints with ``sent``'s; returns how many tensors that checked and the
         reports that carry probe log-probs instead (for :meth:`_check_probes`)."""
         checked = 0

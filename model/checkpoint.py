@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from model.config import DeepSeekConfig
-from model.distributed import state_of
+from model.distributed import state_of, whole
 from model.files import atomic_dir
 
 if TYPE_CHECKING:
@@ -46,12 +46,21 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- names
-def named_hf_weights(model: DeepSeekForCausalLM) -> Iterator[tuple[str, Tensor]]:
-    """Yields ``(HF name, tensor)`` for every persistent tensor; per-expert tensors are views (no copies)."""
+def named_hf_weights(model: DeepSeekForCausalLM, state: Mapping[str, Tensor] | None = None
+                     ) -> Iterator[tuple[str, Tensor]]:
+    """Yields ``(HF name, tensor)`` for every persistent tensor; per-expert tensors are views (no copies).
+
+    Args:
+        model: The model.
+        state: Its ``state_dict()``-named tensors to use instead of its own (e.g. a sharded model's, gathered).
+            By default a sharded model's shards are gathered one tensor at a time as the iteration reaches
+            them (every rank must iterate alike).
+    """
     tied = model.config.tie_word_embeddings
-    for name, tensor in state_of(model).items():  # a sharded model's whole tensors inside gathered()
+    for name, tensor in (state if state is not None else state_of(model)).items():
         if tied and name == "lm_head.weight":
             continue
+        tensor = whole(tensor)
         if name.endswith(".mlp.experts.gate_up_proj"):
             prefix, inter = name[: -len(".gate_up_proj")], tensor.shape[1] // 2
             for i in range(tensor.shape[0]):
@@ -126,8 +135,9 @@ def _shards(named: list[tuple[str, Tensor]], max_bytes: int) -> list[list[tuple[
     return shards
 
 
-def _write_weights(model: DeepSeekForCausalLM, folder: Path, max_shard_bytes: int) -> None:
-    named = list(named_hf_weights(model))
+def _write_weights(model: DeepSeekForCausalLM, folder: Path, max_shard_bytes: int,
+                   state: Mapping[str, Tensor] | None) -> None:
+    named = list(named_hf_weights(model, state))
     shards = _shards(named, max_shard_bytes)
     if len(shards) == 1:
         # safetensors refuses tensors sharing storage (the per-expert views): write copies
@@ -146,7 +156,8 @@ def _write_weights(model: DeepSeekForCausalLM, folder: Path, max_shard_bytes: in
 
 
 def save_pretrained(model: DeepSeekForCausalLM, path: str | Path, tokenizer: Any = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, state: Mapping[str, Tensor] | None = None
+                    ) -> None:
     """Writes ``model`` (and ``tokenizer``) as a Hugging Face folder, atomically.
 
     Everything is written to a temporary folder beside ``path`` and renamed into place, so readers never see
@@ -157,12 +168,14 @@ def save_pretrained(model: DeepSeekForCausalLM, path: str | Path, tokenizer: Any
         path: Target folder.
         tokenizer: Anything with ``save_pretrained(folder)`` (a transformers tokenizer), optional.
         max_shard_bytes: Above this, weights are split into shards plus ``model.safetensors.index.json``.
+        state: The weights to write under ``model``'s ``state_dict()`` names instead of its own (a sharded
+            model's, gathered by :func:`model.distributed.whole_state`).
     """
     with atomic_dir(path) as tmp:
         cfg = model.config.to_hf_dict()
         cfg["torch_dtype"] = cfg["dtype"] = _dtype_name(model.dtype)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        _write_weights(model, tmp, max_shard_bytes)
+        _write_weights(model, tmp, max_shard_bytes, state)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 

@@ -190,7 +190,8 @@ def is_sharded(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def gathered(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, a sharded ``model``'s parameters are whole plain tensors on every rank (a collective:
-    every rank enters). Run no forward inside. Identity for an unsharded model."""
+    every rank enters). Run no forward inside. Identity for an unsharded model. It holds the whole model on
+    every rank: to stream a sharded model's tensors one at a time use :func:`whole` / :func:`whole_state`."""
     if not is_sharded(model):
         yield model
         return
@@ -222,6 +223,30 @@ def live_state(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Ten
 def state_of(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """``model.state_dict()``, or :func:`live_state` for a sharded model (whole inside :func:`gathered`)."""
     return live_state(model, keep_vars) if is_sharded(model) else model.state_dict(keep_vars=keep_vars)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, all-gathered into a whole plain tensor when it is a shard (a collective: every rank
+    calls it for the same tensor in the same order)."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def whole_state(model: nn.Module, keep: bool = True, device: str | torch.device | None = "cpu"
+                ) -> dict[str, torch.Tensor]:
+    """``state_of(model)`` as whole tensors on ``device``, gathered one at a time: a sharded model never holds
+    more than one whole tensor on its device. A tensor shared under several names (tied embeddings) is gathered
+    once and appears under each. Every rank must call it; ``keep=False`` (the ranks that do not save) keeps
+    nothing and returns ``{}``."""
+    out: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor | None] = {}
+    for name, tensor in state_of(model, keep_vars=True).items():
+        if id(tensor) not in done:
+            value = whole(tensor)  # on the ranks that do not keep it, freed at once
+            done[id(tensor)] = (value.to(device) if device is not None else value) if keep else None
+        if keep:
+            out[name] = done[id(tensor)]
+    return out
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ Where this departs from transformers, on purpose:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -1079,9 +1079,11 @@ class DeepSeekForCausalLM(nn.Module):
         """Copies ``(HF name, tensor)`` pairs into this model in place (weight sync)."""
         hf_checkpoint.load_hf_weights(self, named_tensors)
 
-    def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> None:
-        """Writes a Hugging Face folder (config.json, safetensors, tokenizer files) atomically."""
-        hf_checkpoint.save_pretrained(self, path, tokenizer=tokenizer)
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None,
+                        state: Mapping[str, Tensor] | None = None) -> None:
+        """Writes a Hugging Face folder (config.json, safetensors, tokenizer files) atomically; ``state``: the
+        weights to write instead of the model's own (see :func:`model.checkpoint.save_pretrained`)."""
+        hf_checkpoint.save_pretrained(self, path, tokenizer=tokenizer, state=state)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str | None = None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from model.distributed import state_of
+from model.distributed import state_of, whole
 
 _LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 # Relative tolerance of two float64 sums of the same values taken in different orders (another device or
@@ -42,18 +42,19 @@ def named_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 
     Ours maps its internal layout (stacked experts) to HF names; any other model yields its ``state_dict`` names,
     skipping a name whose tensor was already yielded under another (tied embeddings: ``lm_head.weight`` is the
-    same parameter as ``model.embed_tokens.weight``).
+    same parameter as ``model.embed_tokens.weight``). A sharded model's tensors are gathered whole one at a time
+    as the iteration reaches them: every rank iterates alike, and only a bucket's worth is alive at once.
     """
     named = getattr(model, "named_hf_weights", None)
     if named is not None:
         yield from named()
         return
     seen: set[int] = set()
-    for name, tensor in state_of(model, keep_vars=True).items():  # sharded: whole inside gathered()
+    for name, tensor in state_of(model, keep_vars=True).items():
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        yield name, tensor.detach()
+        yield name, whole(tensor)  # a sharded model's shards: gathered one at a time (every rank iterates)
 
 
 def bucketed(named: Iterable[tuple[str, Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
@@ -115,16 +116,29 @@ def fingerprint(tensor: Tensor, dtype: torch.dtype | str | None = None) -> Finge
     return Fingerprint(dtype_name(dtype), values.numel(), float(values.sum(dtype=torch.float64)), norm * norm)
 
 
+ENGINE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes an engine may hold a floating-point weight in (besides the weight's own)."""
+
+
+def candidate_fingerprints(tensor: Tensor) -> dict[str, Fingerprint]:
+    """``{dtype: fingerprint}`` of ``tensor`` in its own dtype and, if floating point, in every one of
+    :data:`ENGINE_DTYPES`: what the trainer keeps of a tensor it sent and then freed (a sharded policy's
+    gathered tensors), so that :func:`compare_fingerprints` can match an engine's report in whatever dtype."""
+    dtypes = {tensor.dtype, *(ENGINE_DTYPES if tensor.is_floating_point() else ())}
+    return {dtype_name(d): fingerprint(tensor, d) for d in dtypes}
+
+
 def fingerprints(named: Iterable[tuple[str, Tensor]]) -> dict[str, Fingerprint]:
     """``{name: fingerprint}`` of (name, tensor) pairs, each in its own dtype (what an engine reports)."""
     return {name: fingerprint(tensor) for name, tensor in named}
 
 
-def compare_fingerprints(sent: Mapping[str, Tensor], held: Mapping[str, Fingerprint], where: str) -> None:
+def compare_fingerprints(sent: Mapping[str, Tensor | Mapping[str, Fingerprint]], held: Mapping[str, Fingerprint],
+                         where: str) -> None:
     """Checks that an engine holds the tensors it was sent.
 
     Args:
-        sent: Name -> the trainer's tensor, as sent.
+        sent: Name -> the trainer's tensor, as sent, or its :func:`candidate_fingerprints`.
         held: Name -> the engine's fingerprint of the tensor it holds under that name.
         where: Which engine, for the message (e.g. ``"rollout worker 0 (TorchEngine)"``).
 
@@ -135,7 +149,10 @@ def compare_fingerprints(sent: Mapping[str, Tensor], held: Mapping[str, Fingerpr
         got = held.get(name)
         if got is None:
             raise StaleWeightsError(f"weight sync check: {where} reports no tensor {name!r} after the sync")
-        want = fingerprint(tensor, got.dtype)
+        want = fingerprint(tensor, got.dtype) if isinstance(tensor, Tensor) else tensor.get(got.dtype)
+        if want is None:
+            raise StaleWeightsError(f"weight sync check: {where} holds {name!r} in {got.dtype}, a dtype the "
+                                    f"trainer kept no fingerprint in ({sorted(tensor)})")
         if not want.matches(got):
             raise StaleWeightsError(
                 f"weight sync check: {where} holds a different {name!r} than the trainer sent (sum "

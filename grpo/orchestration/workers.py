@@ -29,7 +29,7 @@ from grpo.config import GRPOConfig
 from grpo.logprobs import sequence_logprobs
 from grpo.orchestration.checkpointing import StepCheckpoints, atomic_dir
 from grpo.trainer import GRPOTrainer, encode_prompt
-from model.distributed import SINGLE, DataParallel, gathered, shard_model, state_of
+from model.distributed import SINGLE, DataParallel, is_sharded, shard_model, whole_state
 from model.registry import Registry
 from rewards.answers import extract_answer
 from rewards.combine import RewardSpec, combine
@@ -55,14 +55,22 @@ def load_policy(path: str | Path, dtype: str = "float32", device: str = "cpu") -
     return load_causal_lm(path, dtype, device)
 
 
-def save_policy(model: torch.nn.Module, path: str | Path, tokenizer: Any) -> None:
+def save_policy(model: torch.nn.Module, path: str | Path, tokenizer: Any,
+                state: dict[str, Tensor] | None = None) -> None:
     """Saves a Hugging Face folder atomically (ours does it itself; transformers models through a temp dir).
-    A sharded model is saved whole: call it inside :func:`model.distributed.gathered`."""
+
+    Args:
+        model: The model.
+        path: The folder.
+        tokenizer: Saved beside the weights.
+        state: The weights to write under the model's ``state_dict()`` names instead of its own (a sharded
+            model's, gathered by :func:`model.distributed.whole_state`).
+    """
     if hasattr(model, "named_hf_weights"):
-        model.save_pretrained(path, tokenizer=tokenizer)
+        model.save_pretrained(path, tokenizer=tokenizer, state=state)
         return
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, state_dict=state_of(model))
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
 
 
@@ -392,10 +400,11 @@ class PolicyWorker:
 
     # -- checkpoints and offload ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str) -> None:
-        """Saves the policy whole as a Hugging Face folder (gathered on every rank, written by rank 0)."""
-        with gathered(self.policy):
-            if self.dp.is_main:
-                save_policy(self.policy, path, self.tokenizer)
+        """Saves the policy whole as a Hugging Face folder: a sharded policy is gathered tensor by tensor into
+        rank 0's host memory, and rank 0 writes it."""
+        state = whole_state(self.policy, keep=self.dp.is_main) if is_sharded(self.policy) else None
+        if self.dp.is_main:
+            save_policy(self.policy, path, self.tokenizer, state)
         self.dp.barrier()
 
     def offload(self, mode: str, folder: str) -> int:

@@ -75,8 +75,10 @@ def grpo_case(dp: DataParallel, model: str, **settings: Any) -> dict[str, Any]:
     trainer = GRPOTrainer(policy, engine, count_target if dp.is_main else None, tokenizer, config, ref_model=ref,
                           dp=dp)
     steps = [trainer.step(PROMPT_ROWS) for _ in range(STEPS)]
+    engine_state = {n: t.clone() for n, t in engine.model.state_dict().items()} if dp.is_main else None
     return {"losses": [m["loss"] for m in steps], "grad_norms": [m["grad_norm"] for m in steps],
-            "aux": [m["moe_aux_loss"] for m in steps], "initial": initial, "state": _whole_state(policy)}
+            "aux": [m["moe_aux_loss"] for m in steps], "initial": initial, "state": _whole_state(policy),
+            "engine": engine_state, "sync_bytes": steps[-1].get("sync/bytes")}
 
 
 def sft_case(dp: DataParallel) -> dict[str, Any]:

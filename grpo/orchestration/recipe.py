@@ -24,6 +24,7 @@ import yaml
 
 from grpo.config import GRPOConfig
 from grpo.data import DataSpec
+from grpo.orchestration.transport import WEIGHT_TRANSPORTS
 from grpo.phases import PHASES
 from model.registry import check_fields
 from rewards.answers import check_answer_mode
@@ -54,6 +55,9 @@ class RayConfig:
         train_cpus: CPUs reserved by each trainer rank (on GPU each rank also takes one GPU).
         train_placement: ``pack`` puts the trainer ranks on as few nodes as hold them; ``spread`` puts each on
             its own node.
+        weight_transport: How trainer rank 0 sends weights to the rollout workers: ``object_store`` (Ray's,
+            through host memory) or ``collective`` (a ``torch.distributed`` broadcast, NCCL between GPUs);
+            see :mod:`grpo.orchestration.transport`.
         threads_per_worker: torch threads of each actor (None: all cores of its node; the roles take turns,
             so each may use them all, and trainer ranks packed on one node share them).
     """
@@ -65,12 +69,16 @@ class RayConfig:
     num_train_workers: int = 1
     train_cpus: float = 0.5
     train_placement: Literal["pack", "spread"] = "pack"
+    weight_transport: str = "object_store"
     threads_per_worker: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_rollout_workers", "num_train_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.weight_transport not in WEIGHT_TRANSPORTS:
+            raise ValueError(f"weight_transport must be one of {WEIGHT_TRANSPORTS.names()}, got "
+                             f"{self.weight_transport!r}")
 
 
 @dataclass

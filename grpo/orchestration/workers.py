@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from grpo.config import GRPOConfig
 from grpo.logprobs import sequence_logprobs
+from grpo.orchestration import transport
 from grpo.orchestration.checkpointing import StepCheckpoints, atomic_dir
+from grpo.orchestration.transport import WEIGHT_TRANSPORTS
 from grpo.trainer import GRPOTrainer, encode_prompt
 from model.distributed import SINGLE, DataParallel, is_sharded, shard_model, whole_state
 from model.registry import Registry
@@ -76,13 +79,19 @@ def save_policy(model: torch.nn.Module, path: str | Path, tokenizer: Any,
 
 # ------------------------------------------------------------------------------------------------ proxies
 class RolloutGroup(RolloutEngine):
-    """One engine made of several rollout workers: prompts are split into contiguous shares, one per worker."""
+    """One engine made of several rollout workers: prompts are split into contiguous shares, one per worker.
 
-    def __init__(self, workers: Sequence[Any]) -> None:
+    Args:
+        workers: The rollout workers' actor handles.
+        transport: How weights reach them (a :data:`grpo.orchestration.transport.WEIGHT_TRANSPORTS` name).
+    """
+
+    def __init__(self, workers: Sequence[Any], transport: str = "object_store") -> None:
         import ray
 
         self._ray = ray
         self.workers = list(workers)
+        self.transport = WEIGHT_TRANSPORTS.get(transport)(self.workers)
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
         share = -(-len(prompt_token_ids) // len(self.workers))
@@ -100,8 +109,9 @@ class RolloutGroup(RolloutEngine):
         return out
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        bucket = self._ray.put([(n, t.detach().cpu()) for n, t in named_tensors])
-        self._ray.get([w.update_weights.remote(bucket) for w in self.workers])
+        bucket = list(named_tensors)
+        if bucket:
+            self.transport.send(bucket)
 
     def accepted_weights(self) -> dict[str, tuple[int, ...]] | None:
         return self._ray.get(self.workers[0].accepted_weights.remote())  # every worker loads the same folder
@@ -210,6 +220,15 @@ class RolloutWorker:
     def update_weights(self, named: list[tuple[str, Tensor]]) -> None:
         self.engine.update_weights(named)
 
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, device_type: str) -> None:
+        """Joins trainer rank 0's weight broadcast group (the ``collective`` transport)."""
+        self._weight_group = transport.join(host, port, rank, world, device_type)
+        self._weight_device = "cuda" if device_type == "cuda" else "cpu"
+
+    def receive_weights(self, meta: transport.Meta) -> None:
+        """Receives one bucket broadcast by trainer rank 0 and loads it into the engine."""
+        self.engine.update_weights(transport.receive(self._weight_group[1], meta, self._weight_device))
+
     def accepted_weights(self) -> dict[str, tuple[int, ...]] | None:
         return self.engine.accepted_weights()
 
@@ -313,8 +332,6 @@ class PolicyWorker:
 
     def join(self, host: str, port: int) -> None:
         """Joins the trainer ranks' process group at rank 0's ``host:port`` and shards the policy over them."""
-        import torch.distributed as dist
-
         backend = "nccl" if self.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
                                 world_size=self.world_size)
@@ -343,8 +360,9 @@ class PolicyWorker:
 
     # -- RL ---------------------------------------------------------------------------------------------------
     def start_rl(self, config: GRPOConfig, rollout_workers: list[Any], reward_worker: Any,
-                 reference_worker: Any | None) -> None:
-        """Builds the GRPO trainer over the given workers and pushes the current weights to the engines."""
+                 reference_worker: Any | None, weight_transport: str = "object_store") -> None:
+        """Builds the GRPO trainer over the given workers and pushes the current weights to the engines
+        (through ``weight_transport``, see :mod:`grpo.orchestration.transport`)."""
         ref = RemoteReference(reference_worker) if reference_worker is not None else None
         # every stage builds its optimizer and schedule from its own config; the previous stage's Adam moments
         # carry over only when the stage asks for them
@@ -355,7 +373,8 @@ class PolicyWorker:
             log.warning("carry_optimizer_state: no earlier RL stage ran in this process (a stage launched alone, "
                         "or the first stage), so this stage starts from fresh Adam moments")
         main = self.dp.is_main  # rank 0 samples, scores and asks the reference; the others only train
-        self.trainer = GRPOTrainer(self.policy, RolloutGroup(rollout_workers) if main else None,
+        engine = RolloutGroup(rollout_workers, weight_transport) if main else None
+        self.trainer = GRPOTrainer(self.policy, engine,
                                    RemoteReward(reward_worker) if main else None, self.tokenizer, config,
                                    ref_model=ref, optimizer_state=carried, dp=self.dp)
         self.trainer.sync_weights()

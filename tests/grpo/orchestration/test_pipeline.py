@@ -114,7 +114,8 @@ def test_rollout_workers_and_trainer_ranks_spread_over_two_nodes(tmp_path):
     cluster.add_node(num_cpus=2)
     try:
         path = micro_recipe(tmp_path, steps=1, ray={"address": cluster.address, "num_rollout_workers": 2,
-                                                    "num_train_workers": 2, "train_placement": "spread"})
+                                                    "num_train_workers": 2, "train_placement": "spread",
+                                                    "weight_transport": "collective"})
         recipe = load_recipe(str(path), ["phases=[rl_reason]"])
         ray.init(address=cluster.address)
         pipeline = Pipeline(recipe)
@@ -126,6 +127,7 @@ def test_rollout_workers_and_trainer_ranks_spread_over_two_nodes(tmp_path):
         assert [r["step"] for r in logged(recipe.run_dir, "rl_reason")] == [1]
         shards = (recipe.run_dir / "state" / "rl_reason" / "step_000001" / "shards").glob("*.distcp")
         assert len(list(shards)) == 2  # both ranks hold and saved their shards of the policy
+        assert logged(recipe.run_dir, "rl_reason")[0]["sync/checked_tensors"] > 0  # broadcast, then checked
         assert (recipe.run_dir / "checkpoints" / "rl_reason" / "config.json").exists()
     finally:
         ray.shutdown()

@@ -173,7 +173,8 @@ def save_pretrained(model: DeepSeekForCausalLM, path: str | Path, tokenizer: Any
     """
     with atomic_dir(path) as tmp:
         cfg = model.config.to_hf_dict()
-        cfg["torch_dtype"] = cfg["dtype"] = _dtype_name(model.dtype)
+        dtype = next((t.dtype for t in (state or {}).values() if t.is_floating_point()), model.dtype)
+        cfg["torch_dtype"] = cfg["dtype"] = _dtype_name(dtype)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         _write_weights(model, tmp, max_shard_bytes, state)
         if tokenizer is not None:

@@ -232,17 +232,19 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def whole_state(model: nn.Module, keep: bool = True, device: str | torch.device | None = "cpu"
-                ) -> dict[str, torch.Tensor]:
-    """``state_of(model)`` as whole tensors on ``device``, gathered one at a time: a sharded model never holds
-    more than one whole tensor on its device. A tensor shared under several names (tied embeddings) is gathered
-    once and appears under each. Every rank must call it; ``keep=False`` (the ranks that do not save) keeps
-    nothing and returns ``{}``."""
+def whole_state(model: nn.Module, keep: bool = True, device: str | torch.device | None = "cpu",
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``state_of(model)`` as whole tensors on ``device`` (floating-point ones in ``dtype`` when given),
+    gathered one at a time: a sharded model never holds more than one whole tensor on its device. A tensor
+    shared under several names (tied embeddings) is gathered once and appears under each. Every rank must call
+    it; ``keep=False`` (the ranks that do not save) keeps nothing and returns ``{}``."""
     out: dict[str, torch.Tensor] = {}
     done: dict[int, torch.Tensor | None] = {}
     for name, tensor in state_of(model, keep_vars=True).items():
         if id(tensor) not in done:
             value = whole(tensor)  # on the ranks that do not keep it, freed at once
+            if keep and dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
             done[id(tensor)] = (value.to(device) if device is not None else value) if keep else None
         if keep:
             out[name] = done[id(tensor)]

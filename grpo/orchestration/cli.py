@@ -7,6 +7,7 @@
     grpo rl  [RECIPE] [--stage reason|pref] [key=value ...]   one GRPO stage of the run
     grpo rm  [RECIPE] [key=value ...]        only the reward-model phase
     grpo eval CKPT [CKPT ...] --data ...     evaluate checkpoints (see ``grpo eval --help``)
+    grpo plan [RECIPE] [key=value ...] [--device-memory 80GiB]   the memory each role needs
     grpo recipes                             list the bundled recipes
 
 RECIPE is a YAML file or the name of a bundled recipe (``tiny``, ``deepseek_v2_lite``, ``hf_grpo``).
@@ -23,12 +24,13 @@ from collections.abc import Callable, Sequence
 
 from grpo.evaluation.command import main as eval_main
 from grpo.orchestration.controller import Pipeline
+from grpo.orchestration.plan import parse_bytes, plan
 from grpo.orchestration.recipe import bundled_recipes, load_recipe
 from model.registry import Registry
 from rollout.weights import StaleWeightsError
 
 COMMANDS: Registry[Callable[[list[str]], int]] = Registry("grpo command")
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, StaleWeightsError)
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, StaleWeightsError, MemoryError)
 
 
 def _recipe_parser(prog: str, description: str, stage: bool = False) -> argparse.ArgumentParser:
@@ -88,6 +90,22 @@ def cmd_rm(argv: list[str]) -> int:
 @COMMANDS.register("eval")
 def cmd_eval(argv: list[str]) -> int:
     return eval_main(argv)
+
+
+@COMMANDS.register("plan")
+def cmd_plan(argv: list[str]) -> int:
+    parser = _recipe_parser("grpo plan", "Print the memory each role of a recipe needs per device (trainer "
+                            "ranks, rollout and reference workers) and whether it fits; nothing runs.")
+    parser.add_argument("--device-memory", default=None,
+                        help="memory of one device, e.g. 80GiB: say whether every role fits")
+    parser.add_argument("--prompt-tokens", type=int, default=512,
+                        help="tokens per RL prompt assumed (default: 512)")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(*_split(args))
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    result = plan(recipe, prompt_tokens=args.prompt_tokens)
+    print(result.format(memory), end="")
+    return 0 if memory is None or result.fits(memory) else 1
 
 
 @COMMANDS.register("recipes")

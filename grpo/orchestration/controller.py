@@ -27,6 +27,7 @@ import yaml
 from grpo.orchestration import phases  # noqa: F401 - every phase registers its runner
 from grpo.orchestration.checkpointing import Progress
 from grpo.orchestration.phases.registry import PHASE_RUNNERS
+from grpo.orchestration.plan import plan
 from grpo.orchestration.recipe import Recipe, to_dict
 from grpo.orchestration.workers import (
     PolicyGroup,
@@ -151,10 +152,30 @@ class Pipeline:
 
     def _preflight(self) -> None:
         """Checks, before any phase starts, what would otherwise fail minutes into a run: every RL stage's engine
-        must take the policy's weights (names and shapes)."""
+        must take the policy's weights (names and shapes), and on a GPU every role must fit its device."""
         for phase in RL_PHASES:
             if phase in self.recipe.phases:
                 preflight_weight_sync(str(self.ckpt(BASE)), getattr(self.recipe, phase).engine)
+        self.check_memory()
+
+    def check_memory(self) -> None:
+        """On a GPU run, compares the memory plan with this machine's device memory (``check_memory``).
+
+        Raises:
+            MemoryError: with the plan, when a role does not fit.
+        """
+        if self._device() != "cuda" or not self.recipe.check_memory:
+            return
+        if not torch.cuda.is_available():
+            log.warning("memory check skipped: this driver sees no GPU to read the device memory from; run "
+                        "`grpo plan ... --device-memory SIZE` to check the recipe")
+            return
+        memory = torch.cuda.get_device_properties(0).total_memory
+        result = plan(self.recipe)
+        if not result.fits(memory):
+            raise MemoryError(f"the recipe does not fit this cluster's devices:\n{result.format(memory)}"
+                              f"lower the batch shapes or raise ray.num_train_workers (or set check_memory=false "
+                              f"to run anyway)")
 
     # -- roles ----------------------------------------------------------------------------------------------------
     def policy_worker(self) -> PolicyGroup:
@@ -166,9 +187,9 @@ class Pipeline:
             if ray_cfg.threads_per_worker is None and ray_cfg.train_placement == "pack":
                 threads = max(1, threads // n)  # ranks packed on one node train at once: they share its cores
             self.policy = PolicyGroup.start(
-                n, str(self.current_policy()), cpus=ray_cfg.train_cpus, gpus=1 if device == "cuda" else 0,
-                spread=ray_cfg.train_placement == "spread", threads=threads, dtype=cfg.dtype, device=device,
-                gradient_checkpointing=cfg.gradient_checkpointing)
+                n, str(self.current_policy()), cpus=ray_cfg.train_cpus, gpus=self.gpus(ray_cfg.train_gpus),
+                spread=ray_cfg.train_placement == "spread", threads=threads, dtype=cfg.dtype,
+                master_dtype=cfg.master_dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing)
         elif self.offloaded:
             self.policy.call("onload")
             self.offloaded = False
@@ -186,13 +207,19 @@ class Pipeline:
         if not self.rollouts:
             self.rollout_engine = engine
             cfg = self.recipe.ray
-            actor = remote(RolloutWorker, num_cpus=cfg.rollout_cpus, scheduling_strategy="SPREAD")
+            actor = remote(RolloutWorker, num_cpus=cfg.rollout_cpus, num_gpus=self.gpus(cfg.rollout_gpus),
+                           scheduling_strategy="SPREAD")
             self.rollouts = [actor.remote(str(self.current_policy()), engine=engine, threads=self.threads,
                                           dtype=self.recipe.model.dtype, device=self._device())
                              for _ in range(cfg.num_rollout_workers)]
         else:
             ray.get([w.wake_up.remote() for w in self.rollouts])
         return self.rollouts
+
+    def gpus(self, share: float) -> float:
+        """GPUs an actor reserves: ``share`` on GPU runs (Ray hides every GPU from an actor that reserves
+        none), 0 on CPU."""
+        return share if self._device() == "cuda" else 0
 
     def _device(self) -> str:
         if self.recipe.model.device != "auto":

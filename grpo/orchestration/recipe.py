@@ -52,7 +52,10 @@ class RayConfig:
         rollout_cpus: CPUs reserved by each rollout actor.
         num_train_workers: Trainer ranks: the policy is sharded over them (FSDP2) and each computes its share of
             every minibatch (the update equals one rank's).
-        train_cpus: CPUs reserved by each trainer rank (on GPU each rank also takes one GPU).
+        train_cpus: CPUs reserved by each trainer rank.
+        train_gpus / rollout_gpus / reference_gpus: GPUs reserved by each trainer rank, rollout worker and
+            reference worker when ``model.device`` is ``cuda`` (Ray gives an actor that reserves none no GPU at
+            all); a fraction lets roles share a device.
         train_placement: ``pack`` puts the trainer ranks on as few nodes as hold them; ``spread`` puts each on
             its own node.
         weight_transport: How trainer rank 0 sends weights to the rollout workers: ``object_store`` (Ray's,
@@ -68,6 +71,9 @@ class RayConfig:
     rollout_cpus: float = 0.5
     num_train_workers: int = 1
     train_cpus: float = 0.5
+    train_gpus: float = 1.0
+    rollout_gpus: float = 1.0
+    reference_gpus: float = 1.0
     train_placement: Literal["pack", "spread"] = "pack"
     weight_transport: str = "object_store"
     threads_per_worker: int | None = None
@@ -91,7 +97,11 @@ class ModelConfig:
         path: A Hugging Face checkpoint folder (ours or any causal LM) to start from.
         overrides: Config fields changed on top of the preset (a fresh model only).
         tokenizer: A tokenizer folder; None builds the embedded tiny tokenizer (with a preset) or uses ``path``.
-        dtype: ``float32`` or ``bfloat16``.
+        dtype: ``float32`` or ``bfloat16``: the checkpoints', the rollout engines' and the reference's dtype.
+        master_dtype: The trainer's own copy (weights, gradients, AdamW moments); None: ``dtype``. ``float32``
+            with ``dtype: bfloat16`` keeps float32 master weights while N > 1 sharded trainer ranks compute in
+            bfloat16 (FSDP2 mixed precision, gradients reduced in float32); one unsharded rank computes in its
+            master dtype.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         gradient_checkpointing: Recompute activations in backward.
         seed: Seed of the fresh model's initialisation.
@@ -102,6 +112,7 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     dtype: str = "float32"
+    master_dtype: str | None = None
     device: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -116,8 +127,10 @@ class ModelConfig:
         if self.path is not None and self.overrides:
             raise ValueError(f"model.overrides {sorted(self.overrides)} change a fresh preset model's config; a "
                              f"checkpoint folder (model.path) keeps its own config.json")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        for name in ("dtype", "master_dtype"):
+            value = getattr(self, name)
+            if value not in ("float32", "bfloat16") and (name == "dtype" or value is not None):
+                raise ValueError(f"{name} must be float32 or bfloat16, got {value!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -245,6 +258,8 @@ class Recipe:
         checkpoint_every: RL steps between checkpoints (the end of a phase is always saved).
         offload: Offload the idle side between phases (hybrid engine): ``auto`` (disk on CPU, CPU memory on a
             GPU), ``cpu``, ``disk`` or ``none``.
+        check_memory: On a GPU run, stop before the first phase when the memory plan (``grpo plan``) says a
+            role does not fit its device.
     """
 
     name: str = "tiny"
@@ -254,6 +269,7 @@ class Recipe:
     resume: bool = False
     checkpoint_every: int = 10
     offload: str = "auto"
+    check_memory: bool = True
     ray: RayConfig = field(default_factory=RayConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTPhase = field(default_factory=SFTPhase)

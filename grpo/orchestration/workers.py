@@ -309,10 +309,12 @@ class PolicyWorker:
     """
 
     def __init__(self, checkpoint: str, threads: int | None = None, dtype: str = "float32", device: str = "cpu",
-                 gradient_checkpointing: bool = False, rank: int = 0, world_size: int = 1) -> None:
+                 gradient_checkpointing: bool = False, rank: int = 0, world_size: int = 1,
+                 master_dtype: str | None = None) -> None:
         _set_threads(threads)
         self.tokenizer = load_tokenizer(checkpoint)
-        self.policy = load_policy(checkpoint, dtype, device)
+        self.dtype, self.master_dtype = dtype, master_dtype or dtype
+        self.policy = load_policy(checkpoint, self.master_dtype, device)  # the trainer's own (master) copy
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.device, self.rank, self.world_size = device, rank, world_size
@@ -336,7 +338,8 @@ class PolicyWorker:
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
                                 world_size=self.world_size)
         self.dp = DataParallel.current()
-        compute = torch.bfloat16 if backend == "nccl" else None  # bf16 compute with float32 reduce on GPU
+        # mixed precision: master weights in master_dtype, compute in dtype, gradients reduced in float32
+        compute = getattr(torch, self.dtype) if self.dtype != self.master_dtype else None
         shard_model(self.policy, self.dp, param_dtype=compute)
 
     # -- SFT --------------------------------------------------------------------------------------------------
@@ -419,9 +422,11 @@ class PolicyWorker:
 
     # -- checkpoints and offload ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str) -> None:
-        """Saves the policy whole as a Hugging Face folder: a sharded policy is gathered tensor by tensor into
-        rank 0's host memory, and rank 0 writes it."""
-        state = whole_state(self.policy, keep=self.dp.is_main) if is_sharded(self.policy) else None
+        """Saves the policy whole as a Hugging Face folder in the run's dtype: a sharded policy is gathered
+        tensor by tensor into rank 0's host memory, and rank 0 writes it."""
+        state = None
+        if is_sharded(self.policy) or self.master_dtype != self.dtype:
+            state = whole_state(self.policy, keep=self.dp.is_main, dtype=getattr(torch, self.dtype))
         if self.dp.is_main:
             save_policy(self.policy, path, self.tokenizer, state)
         self.dp.barrier()

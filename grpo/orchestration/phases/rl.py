@@ -61,8 +61,9 @@ def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
                                                         threads=1, process=g.advantage == "process")
     reference = None
     if g.beta > 0:
-        reference = remote(ReferenceWorker, num_cpus=0.25).remote(str(p.current_policy()), threads=p.threads,
-                                                                  dtype=p.recipe.model.dtype, device=p._device())
+        actor = remote(ReferenceWorker, num_cpus=0.25, num_gpus=p.gpus(p.recipe.ray.reference_gpus))
+        reference = actor.remote(str(p.current_policy()), threads=p.threads, dtype=p.recipe.model.dtype,
+                                 device=p._device())
     policy.call("start_rl", g, rollouts, reward, reference, p.recipe.ray.weight_transport)
     state_dir = str(p.run_dir / "state" / phase)
     sampler = PromptSampler(len(rows), g.seed)

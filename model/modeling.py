@@ -161,7 +161,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
     """
     if x.dim() == 4:  # [B, T, H, d]: broadcast over heads
         cos, sin = cos[:, :, None], sin[:, :, None]
-    xf = _cast(x, torch.float32)
+    # float32 whatever reaches the block (FSDP's mixed precision casts a block's floating inputs to bfloat16)
+    cos, sin, xf = _cast(cos, torch.float32), _cast(sin, torch.float32), _cast(x, torch.float32)
     if interleave:
         pairs = xf.unflatten(-1, (-1, 2))  # [..., d/2, 2]
         if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):

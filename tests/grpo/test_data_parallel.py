@@ -1,6 +1,7 @@
 """Two sharded trainer ranks (FSDP2 over gloo) compute the update one unsharded rank computes on the same batch."""
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -97,6 +98,17 @@ def test_a_sharded_policy_syncs_the_engine_whole(runs, case):
     for name in engine:
         if name in trainer:
             assert torch.equal(engine[name], trainer[name]), name  # the engine holds exactly the trainer's
+
+
+def test_float32_master_weights_with_bfloat16_compute(runs):
+    mixed, initial = runs[1]["mixed precision"], runs[1]["moe token-mean balance loss"]["initial"]
+    assert mixed["master_dtypes"] == {torch.float32}
+    assert all(math.isfinite(loss) for loss in mixed["losses"])
+    assert any(not torch.equal(mixed["state"][n], initial[n]) for n in initial if initial[n].is_floating_point())
+    engine = mixed["engine"]  # (every step's sync was checked against bfloat16 fingerprints of the masters)
+    for name, value in mixed["state"].items():
+        if name in engine and value.is_floating_point() and engine[name].dtype == torch.bfloat16:
+            assert torch.equal(engine[name], value.to(torch.bfloat16)), name  # the engine holds the masters, cast
 
 
 def test_the_moe_case_uses_the_balance_loss_and_moves_the_router_bias(runs):

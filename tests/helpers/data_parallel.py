@@ -81,6 +81,25 @@ def grpo_case(dp: DataParallel, model: str, **settings: Any) -> dict[str, Any]:
             "engine": engine_state, "sync_bytes": steps[-1].get("sync/bytes")}
 
 
+def mixed_precision_case(dp: DataParallel) -> dict[str, Any]:
+    """GRPO steps of our MoE model with float32 master weights and bfloat16 compute (FSDP2 mixed precision), the
+    rollout engine in bfloat16 as a run's engines are."""
+    tokenizer = word_tokenizer()
+    policy = _policy("moe", tokenizer)
+    ref = copy.deepcopy(policy).eval()
+    engine = TorchEngine(copy.deepcopy(policy).to(torch.bfloat16).eval(), tokenizer=tokenizer) if dp.is_main else None
+    shard_model(policy, dp, param_dtype=torch.bfloat16)
+    config = GRPOConfig(group_size=4, prompts_per_step=3, lr=1e-2, beta=0.04, max_new_tokens=4, seed=0,
+                        minibatch_size=12, micro_batch_size=4)
+    trainer = GRPOTrainer(policy, engine, count_target if dp.is_main else None, tokenizer, config, ref_model=ref,
+                          dp=dp)
+    steps = [trainer.step(PROMPT_ROWS) for _ in range(STEPS)]  # each sync is checked (bfloat16 fingerprints)
+    master_dtypes = {p.dtype for p in policy.parameters()}
+    engine_state = {n: t.clone() for n, t in engine.model.state_dict().items()} if dp.is_main else None
+    return {"losses": [m["loss"] for m in steps], "master_dtypes": master_dtypes, "state": _whole_state(policy),
+            "engine": engine_state}
+
+
 def sft_case(dp: DataParallel) -> dict[str, Any]:
     """``STEPS`` SFT steps of 3 micro-batches each (one rank runs a filler)."""
     tokenizer = char_tokenizer()
@@ -165,6 +184,7 @@ def run_cases(dp: DataParallel, root: Path) -> dict[str, Any]:
     out["no_reference_error"] = no_reference_error(dp)
     out["saved"] = save_and_continue(dp, root / f"sft{dp.world_size}")
     if dp.enabled:
+        out["mixed precision"] = mixed_precision_case(dp)
         out["resumed_from_one"] = resume_from(dp, root / "sft1")
         out["offload"] = offload_case(dp, root / "offload")
     return out

@@ -36,6 +36,7 @@ from model.distributed import (
     clip_grad_norm,
     filler_forward,
     is_sharded,
+    no_grad_forwards,
     sum_router_loads,
 )
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
@@ -269,8 +270,7 @@ class GRPOTrainer:
         mb, n = self.config.micro_batch_size, len(batch.rewards)
         starts = range(0, n, mb)
         parts: dict[int, Tensor] = {}
-        # FSDP's gathered buffers must not become inference tensors: a sharded model runs under no_grad
-        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+        with no_grad_forwards(model):
             for j in self.dp.share(len(starts)):
                 start = starts[0 if j is None else j]
                 with filler_forward(model) if j is None else contextlib.nullcontext():
@@ -514,7 +514,8 @@ class GRPOTrainer:
         self.policy.eval()
         device = next(self.policy.parameters()).device
         batch = torch.tensor([ids], device=device)
-        logits = self.policy(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[0, :-1].float()
+        with no_grad_forwards(self.policy):
+            logits = self.policy(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[0, :-1].float()
         self.policy.train(was_training)
         return logits.log_softmax(-1).gather(-1, batch[0, 1:, None]).squeeze(-1).tolist()
 

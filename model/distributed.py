@@ -128,12 +128,16 @@ SINGLE = DataParallel()
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder's list of blocks: ours and transformers' causal LMs (``model.layers``, GPT-2's ``h``, ...).
+    """The decoder's list of blocks: ours and transformers' causal LMs (``model.layers``, GPT-2's ``h``, ...) and
+    reward models over them (``backbone.layers``).
 
     Raises:
         ValueError: naming the model's class when no block list is found.
     """
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in ("model", "backbone"):  # a causal LM's decoder, a reward model's backbone
+        if decoder is model and isinstance(getattr(model, name, None), nn.Module):
+            decoder = getattr(model, name)
     for name in ("layers", "h", "blocks"):
         blocks = getattr(decoder, name, None)
         if isinstance(blocks, nn.ModuleList):
@@ -203,6 +207,31 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for unit in units:
             unit.reshard()
+
+
+def reshard(model: nn.Module) -> None:
+    """Frees a sharded model's gathered parameters (every FSDP unit back to its shards). FSDP keeps the root
+    unit gathered after a forward, for the backward it expects; after a forward without gradients call this,
+    or the root's whole tensors stay alive and ``model.parameters()`` lists them in place of the shards."""
+    if is_sharded(model):
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
+
+
+@contextlib.contextmanager
+def no_grad_forwards(model: nn.Module) -> Iterator[None]:
+    """Forwards without gradients: ``inference_mode`` for an unsharded model; ``no_grad`` for a sharded one
+    (FSDP's gathered buffers must not become inference tensors), resharded afterwards (:func:`reshard`)."""
+    if not is_sharded(model):
+        with torch.inference_mode():
+            yield
+        return
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        reshard(model)
 
 
 def live_state(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:

@@ -4,10 +4,15 @@ A preference pair is ``{"prompt", "chosen", "rejected"}`` (strings or chat-messa
 step scores the ``N`` chosen and ``N`` rejected conversations in one forward pass of ``2N`` sequences and
 minimises ``mean(-log sigmoid(r_chosen - r_rejected))`` with AdamW. Evaluation reports pairwise accuracy: the
 share of held-out pairs with ``r_chosen > r_rejected`` (ties count as wrong).
+
+On N trainer ranks (``dp``, the model sharded by :func:`model.distributed.shard_model`) every rank takes its
+share of each batch's pairs (pair ``j`` on rank ``j % N``) and one forward per batch (a rank with no pair runs a
+zero-weight filler); its loss is its pairs' share of the batch mean, so the ranks together take one rank's step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -20,6 +25,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from model.distributed import (
+    SINGLE,
+    DataParallel,
+    clip_grad_norm,
+    filler_forward,
+    reshard,
+    shard_model,
+    whole_state,
+)
 from rewards.reward_model import RewardModel, bradley_terry_loss, encode, score_pairs_texts
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -117,34 +131,45 @@ def _pair_batch(model: RewardModel, tokenizer: Any, batch: Sequence[Mapping[str,
     return scores[: len(batch)], scores[len(batch) :]
 
 
+def _my_pairs(batch: Sequence[Mapping[str, Any]], dp: DataParallel) -> tuple[list[Mapping[str, Any]], bool]:
+    """This rank's pairs of ``batch`` and whether it has none (then it runs the first pair as a filler)."""
+    mine = [batch[j] for j in dp.share(len(batch)) if j is not None]
+    return (mine, False) if mine else ([batch[0]], True)
+
+
 @torch.no_grad()
 def pairwise_accuracy(model: RewardModel, tokenizer: Any, pairs: Iterable[Mapping[str, Any]],
-                      batch_size: int = 32, max_length: int = 1024) -> float:
-    """Share of pairs with ``r_chosen > r_rejected``."""
+                      batch_size: int = 32, max_length: int = 1024, dp: DataParallel = SINGLE) -> float:
+    """Share of pairs with ``r_chosen > r_rejected`` (on N ranks: each scores its share, the counts are summed)."""
     rows = check_pairs(pairs)
     was_training = model.training
     model.eval()
     correct = 0
     try:
         for start in range(0, len(rows), batch_size):
-            chosen, rejected = _pair_batch(model, tokenizer, rows[start : start + batch_size], max_length)
-            correct += int((chosen > rejected).sum())
+            mine, filler = _my_pairs(rows[start : start + batch_size], dp)
+            with filler_forward(model) if filler else contextlib.nullcontext():
+                chosen, rejected = _pair_batch(model, tokenizer, mine, max_length)
+            correct += 0 if filler else int((chosen > rejected).sum())
     finally:
         model.train(was_training)
-    return correct / len(rows)
+        reshard(model)  # no backward follows: a sharded model's root would stay gathered
+    return dp.sum_floats({"correct": float(correct)})["correct"] / len(rows)
 
 
 def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable[Mapping[str, Any]],
                        config: RewardModelTrainConfig | None = None,
-                       eval_pairs: Iterable[Mapping[str, Any]] | None = None) -> RewardModelTrainResult:
+                       eval_pairs: Iterable[Mapping[str, Any]] | None = None,
+                       dp: DataParallel = SINGLE) -> RewardModelTrainResult:
     """Trains ``model`` in place with the Bradley-Terry loss and AdamW.
 
     Args:
-        model: The reward model (moved to ``config.device``).
+        model: The reward model (moved to ``config.device``; sharded over ``dp``'s ranks when there are several).
         tokenizer: Its tokenizer.
         train_pairs: Preference pairs ``{"prompt", "chosen", "rejected"}``.
         config: Hyper-parameters.
         eval_pairs: Held-out pairs for pairwise accuracy before and after training.
+        dp: The trainer ranks (every rank passes the same pairs and takes its share of each batch).
 
     Returns:
         Per-step losses, steps, time and held-out accuracy.
@@ -157,7 +182,7 @@ def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable
     def accuracy() -> float | None:
         if not held_out:
             return None
-        return pairwise_accuracy(model, tokenizer, held_out, config.eval_batch_size, config.max_length)
+        return pairwise_accuracy(model, tokenizer, held_out, config.eval_batch_size, config.max_length, dp)
 
     before = accuracy()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -168,21 +193,24 @@ def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable
     losses: list[float] = []
     model.train()
     start = time.perf_counter()
-    with tqdm(total=config.epochs * steps_per_epoch, desc="reward model", disable=not config.progress) as bar:
+    progress = config.progress and dp.is_main
+    with tqdm(total=config.epochs * steps_per_epoch, desc="reward model", disable=not progress) as bar:
         for _ in range(config.epochs):
             order = list(range(len(rows)))
             rng.shuffle(order)
             for first in range(0, len(order), config.batch_size):
                 batch = [rows[i] for i in order[first : first + config.batch_size]]
-                chosen, rejected = _pair_batch(model, tokenizer, batch, config.max_length)
-                loss = bradley_terry_loss(chosen, rejected)
+                mine, filler = _my_pairs(batch, dp)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                with filler_forward(model) if filler else contextlib.nullcontext():
+                    chosen, rejected = _pair_batch(model, tokenizer, mine, config.max_length)
+                    # this rank's pairs' share of the batch mean
+                    loss = bradley_terry_loss(chosen, rejected) * (0.0 if filler else len(mine) / len(batch))
+                    (loss * dp.grad_scale).backward()
+                clip_grad_norm(model.parameters(), config.max_grad_norm or float("inf"))
                 optimizer.step()
                 scheduler.step()
-                losses.append(float(loss.detach()))
+                losses.append(dp.sum_floats({"loss": float(loss.detach())})["loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
     seconds = time.perf_counter() - start
@@ -195,11 +223,24 @@ def train_reward_model_from_checkpoint(init_path: str | Path, output_path: str |
                                        train_pairs: Iterable[Mapping[str, Any]],
                                        config: RewardModelTrainConfig | None = None,
                                        eval_pairs: Iterable[Mapping[str, Any]] | None = None,
-                                       loader: str = "auto") -> RewardModelTrainResult:
-    """Initialises a reward model from a causal-LM checkpoint, trains it, saves it (with the tokenizer)."""
+                                       loader: str = "auto", dp: DataParallel = SINGLE) -> RewardModelTrainResult:
+    """Initialises a reward model from a causal-LM checkpoint, trains it, saves it (with the tokenizer).
+
+    On N ranks (``dp``) every rank calls it: the model is sharded over them, and rank 0 gathers the trained
+    weights tensor by tensor into a whole copy and saves it.
+    """
     config = config or RewardModelTrainConfig()
     tokenizer = AutoTokenizer.from_pretrained(str(init_path))
     model = RewardModel.from_causal_lm(init_path, loader=loader, seed=config.seed)
-    result = train_reward_model(model, tokenizer, train_pairs, config, eval_pairs)
-    model.save_pretrained(output_path, tokenizer=tokenizer)
+    if dp.enabled:
+        shard_model(model.to(config.device), dp)
+    result = train_reward_model(model, tokenizer, train_pairs, config, eval_pairs, dp)
+    if dp.enabled:
+        state = whole_state(model, keep=dp.is_main)
+        if dp.is_main:
+            model = RewardModel.from_causal_lm(init_path, loader=loader, seed=config.seed)
+            model.load_state_dict(state)
+    if dp.is_main:
+        model.save_pretrained(output_path, tokenizer=tokenizer)
+    dp.barrier()
     return result

@@ -195,6 +195,14 @@ class Pipeline:
             self.offloaded = False
         return self.policy
 
+    def trainer_ranks(self) -> PolicyGroup:
+        """The trainer ranks with the policy offloaded, for work beside it (reward-model training); started
+        first if no phase has yet."""
+        if self.policy is None:
+            self.policy_worker()
+        self.offload_idle()
+        return self.policy
+
     def rollout_workers(self, engine: str) -> list[Any]:
         """The rollout workers for a stage, awake: the existing ones when they run ``engine``, else new ones (an
         earlier stage's workers with another engine are stopped)."""

@@ -37,6 +37,7 @@ from model.registry import Registry
 from rewards.answers import extract_answer
 from rewards.combine import RewardSpec, combine
 from rewards.registry import get_reward
+from rewards.rm_train import train_reward_model_from_checkpoint
 from rewards.rules import AccuracyReward
 from rollout.base import Rollout, RolloutEngine, SamplingConfig, build_engine
 from rollout.loading import load_causal_lm, load_tokenizer, meta_causal_lm
@@ -360,6 +361,14 @@ class PolicyWorker:
             trainer.load_state_dict(latest[1])
         trainer.train()
         return history
+
+    # -- reward models -----------------------------------------------------------------------------------------
+    def train_reward_model(self, init: str, out: str, train: list[dict], evals: list[dict] | None,
+                           config: Any) -> dict[str, Any]:
+        """Trains one reward model from ``init`` on these ranks (sharded over them; the idle policy stays
+        offloaded) and saves it to ``out``; returns the training result."""
+        result = train_reward_model_from_checkpoint(init, out, train, config, evals, dp=self.dp)
+        return dataclasses.asdict(result)
 
     # -- RL ---------------------------------------------------------------------------------------------------
     def start_rl(self, config: GRPOConfig, rollout_workers: list[Any], reward_worker: Any,

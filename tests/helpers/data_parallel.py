@@ -24,6 +24,7 @@ from grpo.orchestration.checkpointing import StepCheckpoints
 from grpo.trainer import GRPOTrainer
 from model import DeepSeekConfig, DeepSeekForCausalLM
 from model.distributed import DataParallel, gathered, shard_model
+from rewards.rm_train import RewardModelTrainConfig, train_reward_model_from_checkpoint
 from rollout.offload import Offloader
 from rollout.torch_engine import TorchEngine
 from sft.trainer import SFTConfig, SFTTrainer
@@ -164,6 +165,27 @@ def offload_case(dp: DataParallel, folder: Path) -> dict[str, Any]:
             "loss_after": trainer.train_step().loss}
 
 
+def _pairs(n: int, seed: int) -> list[dict[str, str]]:
+    rows = tasks.arithmetic(n, seed=seed)
+    return [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": str(int(r["answer"]) + 1)} for r in rows]
+
+
+def reward_model_case(dp: DataParallel, root: Path) -> dict[str, Any]:
+    """A reward model trained from a Llama checkpoint (7 pairs in batches of 3, one rank short of pairs in the
+    last batch; 4 held-out pairs in batches of 3) and saved to ``root/rm<N>``."""
+    init = root / "rm_init"
+    if dp.is_main and not init.exists():
+        tokenizer = char_tokenizer()
+        chat_llama(len(tokenizer)).save_pretrained(init)
+        tokenizer.save_pretrained(init)
+    dp.barrier()
+    config = RewardModelTrainConfig(learning_rate=1e-2, epochs=2, batch_size=3, max_length=48, eval_batch_size=3,
+                                    progress=False, seed=0)
+    result = train_reward_model_from_checkpoint(init, root / f"rm{dp.world_size}", _pairs(7, 1), config,
+                                                _pairs(4, 2), dp=dp)
+    return {"losses": result.losses, "accuracy": (result.eval_accuracy_before, result.eval_accuracy)}
+
+
 def no_reference_error(dp: DataParallel) -> str:
     """The error of a trainer asked to copy a sharded policy into its reference (empty when there is none)."""
     tokenizer = word_tokenizer()
@@ -183,6 +205,7 @@ def run_cases(dp: DataParallel, root: Path) -> dict[str, Any]:
     out["sft"] = sft_case(dp)
     out["no_reference_error"] = no_reference_error(dp)
     out["saved"] = save_and_continue(dp, root / f"sft{dp.world_size}")
+    out["reward model"] = reward_model_case(dp, root)
     if dp.enabled:
         out["mixed precision"] = mixed_precision_case(dp)
         out["resumed_from_one"] = resume_from(dp, root / "sft1")

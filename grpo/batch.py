@@ -64,6 +64,9 @@ class Trajectories:
         rewards: ``[N]`` total rewards.
         old_logp: ``[N, T]`` log-probs under the sampling policy (None until computed).
         ref_logp: ``[N, T]`` log-probs under the reference policy (None when β = 0).
+        engine_logp: ``[N, T]`` the rollout engine's log-probs of the sampled tokens (None when it gave none).
+        pg_weight: ``[N, T]`` the rollout correction's weights (:mod:`grpo.correction`; None: computed per
+            micro-batch from the current log-probs, or no correction).
     """
 
     input_ids: Tensor
@@ -73,6 +76,8 @@ class Trajectories:
     rewards: Tensor
     old_logp: Tensor | None = None
     ref_logp: Tensor | None = None
+    engine_logp: Tensor | None = None
+    pg_weight: Tensor | None = None
 
     @property
     def completion_len(self) -> int:

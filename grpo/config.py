@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from grpo import advantages, losses
+from grpo import advantages, correction, losses
 from model.registry import check_fields
 
 
@@ -67,6 +67,11 @@ class GRPOConfig:
         sync_probe_tol: For engines checked by the probe: the largest mean absolute difference between the
             engine's and the trainer's log-probs of the probe sequence that still counts as the same weights
             (engines in another dtype or with other kernels never agree exactly).
+        rollout_correction: How the policy gradient corrects for the engine sampling from other log-probs than
+            the trainer's (:mod:`grpo.correction`): ``none``, ``tis``, ``mis``, ``seq-tis``, ``seq-mis``, or
+            ``auto`` (``none`` for an engine whose log-probs are the trainer's own, our float32 torch engine;
+            ``tis`` otherwise, e.g. vLLM). The mismatch itself is measured every step whatever this says.
+        rollout_correction_cap: ``C > 1``: the truncation (``tis``) or the kept range ``[1/C, C]`` (``mis``).
         seed: Seed of sampling and minibatch shuffling.
     """
 
@@ -104,6 +109,8 @@ class GRPOConfig:
     carry_optimizer_state: bool = False
     sync_check: bool = True
     sync_probe_tol: float = 0.02
+    rollout_correction: str = "auto"
+    rollout_correction_cap: float = 2.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,6 +131,11 @@ class GRPOConfig:
                              f"within its prompt's group, so a group of one gives every completion advantage 0")
         if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
             raise ValueError(f"clip_ratio_c must be > 1 (or None), got {self.clip_ratio_c!r}")
+        if not self.rollout_correction_cap > 1.0:
+            raise ValueError(f"rollout_correction_cap must be > 1, got {self.rollout_correction_cap!r}")
+        if self.rollout_correction != "auto" and self.rollout_correction not in correction.CORRECTIONS:
+            raise ValueError(f"rollout_correction must be auto or one of {list(correction.CORRECTIONS)}, got "
+                             f"{self.rollout_correction!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         batch = self.prompts_per_step * self.group_size

@@ -268,6 +268,7 @@ def policy_loss(
     variant: str = "vanilla",
     max_len: int | None = None,
     clip_ratio_c: float | None = None,
+    pg_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The clipped GRPO objective, negated, with an optional KL penalty to the reference.
 
@@ -275,10 +276,8 @@ def policy_loss(
         logp: Log-probs of the sampled tokens under the policy being trained (differentiable). ``[N, T]``
         old_logp: Log-probs under the sampling policy (treated as constants). ``[N, T]``
         advantages: Per-sequence ``[N]`` or per-token ``[N, T]`` advantages (treated as constants).
-        mask: 1 (or True) at completion tokens, 0 at padding; inputs at padding are ignored, even NaN or inf.
-            ``[N, T]``
-        clip_low: Lower clip range: ratios below ``1 - clip_low`` are clipped.
-        clip_high: Upper clip range: ratios above ``1 + clip_high`` are clipped.
+        mask: 1 (or True) at completion tokens, 0 at padding (ignored there, even NaN or inf). ``[N, T]``
+        clip_low, clip_high: Clip ranges: ratios outside ``[1 - clip_low, 1 + clip_high]`` are clipped.
         ref_logp: Log-probs under the reference policy; needed when ``beta > 0``. ``[N, T]``
         beta: KL penalty weight.
         kl: KL estimator name (``k1 | k2 | k3``).
@@ -286,6 +285,7 @@ def policy_loss(
         variant: Importance-ratio variant (``vanilla | gspo``).
         max_len: Divisor for ``agg="seq-mean-token-sum-norm"`` (defaults to ``T``).
         clip_ratio_c: Dual-clip constant ``c > 1``; ``None`` turns dual clipping off.
+        pg_weight: Constant per-token weights of the policy-gradient term, not the KL's (:mod:`grpo.correction`).
 
     Returns:
         ``(loss, metrics)``: the scalar loss to minimise and floats measured over valid tokens:
@@ -306,7 +306,7 @@ def policy_loss(
     mask = mask.to(logp.dtype)
     logp, old_logp, adv, ref_logp = _masked_inputs(valid, logp, old_logp, advantages, ref_logp)
     ratio = ratio_fn(logp, old_logp, mask)  # [N, T]
-    surrogate = _clipped_surrogate(ratio, adv, clip_low, clip_high, clip_ratio_c)  # [N, T]
+    surrogate = _clipped_surrogate(ratio, adv, clip_low, clip_high, clip_ratio_c, pg_weight, valid)  # [N, T]
     kl_mat = kl_penalty(logp, ref_logp, kl) if ref_logp is not None else torch.zeros_like(logp)  # [N, T]
     loss_mat = -surrogate + beta * kl_mat if beta > 0 else -surrogate  # [N, T]
     loss = agg_loss(loss_mat, mask, agg, max_len=max_len)
@@ -315,14 +315,16 @@ def policy_loss(
     return loss, stats
 
 
-def _clipped_surrogate(ratio: Tensor, adv: Tensor, clip_low: float, clip_high: float, clip_ratio_c: float | None
-                       ) -> Tensor:
+def _clipped_surrogate(ratio: Tensor, adv: Tensor, clip_low: float, clip_high: float, clip_ratio_c: float | None,
+                       weight: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
     """``min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A)``, and with dual clipping at most ``c A`` away
-    from zero for negative advantages. ``[N, T]``"""
+    from zero for negative advantages; times the constant ``weight`` at ``valid`` tokens when given. ``[N, T]``"""
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     surrogate = torch.minimum(ratio * adv, clipped * adv)
     if clip_ratio_c is not None:
         surrogate = torch.where(adv < 0, torch.maximum(surrogate, clip_ratio_c * adv), surrogate)
+    if weight is not None:
+        surrogate = surrogate * torch.where(valid, weight.detach().to(surrogate.dtype), 0.0)
     return surrogate
 
 

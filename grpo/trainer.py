@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +27,12 @@ from torch import Tensor, nn
 from grpo.advantages import compute_advantages
 from grpo.batch import Scores, Trajectories, pad_trajectories
 from grpo.config import GRPOConfig
+from grpo.correction import correction_weights, mismatch_metrics, mismatch_stats, resolve
 from grpo.logprobs import sequence_logprobs
 from grpo.losses import micro_batch_weight, policy_loss
 from grpo.steps import check_step_rewards, token_step_ends
+from grpo.timing import PhaseTimer
+from grpo.weight_sync import WeightSync
 from model.distributed import (
     SINGLE,
     DataParallel,
@@ -41,13 +44,6 @@ from model.distributed import (
 )
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
 from rollout.weights import (
-    Fingerprint,
-    StaleWeightsError,
-    WeightReport,
-    bucketed,
-    candidate_fingerprints,
-    check_names,
-    compare_fingerprints,
     named_weights,
 )
 from sft.formatting import encode_prompt
@@ -57,7 +53,7 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
-class GRPOTrainer:
+class GRPOTrainer(WeightSync):
     """Trains a causal LM (ours or any transformers model) with GRPO against reward functions.
 
     Args:
@@ -111,6 +107,11 @@ class GRPOTrainer:
         self._aux_losses: dict[str, Tensor] = {}
         self._sync_names_checked = False
         self._unverifiable_warned = False
+        # the rollout correction this engine needs (rank 0 knows the engine; every rank applies it)
+        matches = bool(getattr(engine, "logprobs_match_trainer", False)) if dp.is_main else False
+        self.correction = self.dp.broadcast(resolve(config.rollout_correction, matches))
+        self._mismatch: dict[str, float] = {}
+        self._engine_gives_logprobs: bool | None = None
         decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else policy
         decoder.register_forward_hook(self._capture_aux_losses)
 
@@ -143,7 +144,7 @@ class GRPOTrainer:
         """
         cfg = self.config
         metrics: dict[str, float] = {}
-        timer = _PhaseTimer(metrics)
+        timer = PhaseTimer(metrics)
         batch = rollouts = scores = None
         if self.dp.is_main:
             rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer)
@@ -152,10 +153,12 @@ class GRPOTrainer:
                 batch = self._trajectories(rollouts, self._advantages(rollouts, scores), rewards)
         batch, rng_state = self.dp.broadcast((batch, self.rng.get_state()))  # every rank shuffles alike
         self.rng.set_state(rng_state)
+        self._mismatch = {}
         with timer("logprobs"):
             batch = self._reference_logprobs(batch)
         with timer("update"):
             metrics.update(self._update(batch))
+        metrics.update(self._mismatch_metrics())
         self.sync_weights(metrics=metrics)
         self.step_count += 1
         if cfg.ref_reset_every and self.ref_model is not None and self.step_count % cfg.ref_reset_every == 0:
@@ -172,7 +175,7 @@ class GRPOTrainer:
 
     # -- generate + score (with dynamic sampling) ---------------------------------------------------------------
     def _sample_and_score(self, rows: list[Row], refill: Callable[[int], list[Row]] | None,
-                          metrics: dict[str, float], timer: _PhaseTimer) -> tuple[list[Row], list[Rollout], Scores]:
+                          metrics: dict[str, float], timer: PhaseTimer) -> tuple[list[Row], list[Rollout], Scores]:
         """Samples and scores ``rows``; with dynamic sampling, drops the groups without signal and samples rows
         from ``refill`` in their place (up to ``max_refill_rounds`` rounds)."""
         cfg = self.config
@@ -214,8 +217,14 @@ class GRPOTrainer:
         prompt_ids = [encode_prompt(self.tokenizer, row["prompt"]) for row in rows]
         sampling = SamplingConfig(n=cfg.group_size, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   top_p=cfg.top_p, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng)),
-                                  logprobs=False)  # the trainer recomputes old log-probs itself
-        return self.engine.generate(prompt_ids, sampling)
+                                  logprobs=True)  # the engine's own: the mismatch and its correction
+        if self._engine_gives_logprobs is None:  # asked once: the settings are the stage's
+            self._engine_gives_logprobs = bool(getattr(self.engine, "can_return_logprobs", lambda s: True)(sampling))
+            if not self._engine_gives_logprobs:
+                log.warning("%s cannot return sampling log-probs with temperature %s and top_p %s: the rollout "
+                            "mismatch is not measured or corrected", getattr(self.engine, "description", "the "
+                            "engine"), cfg.temperature, cfg.top_p)
+        return self.engine.generate(prompt_ids, dataclasses.replace(sampling, logprobs=self._engine_gives_logprobs))
 
     def score(self, rows: list[Row], rollouts: list[Rollout]) -> Scores:
         """Scores completions with the reward (``None`` counts 0 in the total); with ``advantage="process"``, the
@@ -257,7 +266,17 @@ class GRPOTrainer:
         if self.config.mask_truncated:
             truncated = torch.tensor([r.finish_reason == "length" for r in rollouts])
             comp = comp.masked_fill(truncated[:, None], 0)
-        return Trajectories(ids, attn, comp, advantages.float(), rewards)
+        return Trajectories(ids, attn, comp, advantages.float(), rewards,
+                            engine_logp=self._engine_logprobs(rollouts, comp.shape[1]))
+
+    def _engine_logprobs(self, rollouts: list[Rollout], width: int) -> Tensor | None:
+        """``[N, T]`` the engine's log-probs of the sampled tokens, or None when it gave none for some row."""
+        if any(len(r.logprobs) != len(r.completion_ids) for r in rollouts):
+            return None
+        out = torch.zeros(len(rollouts), width)
+        for i, r in enumerate(rollouts):
+            out[i, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+        return out
 
     def _logprobs(self, model: nn.Module, batch: Trajectories, with_entropy: bool = False
                   ) -> tuple[Tensor, Tensor | None]:
@@ -313,6 +332,9 @@ class GRPOTrainer:
             self.policy.eval()
             batch = batch.replace(old_logp=self._batched_logprobs(self.policy, batch))
             self.policy.train(was_training)
+            if batch.engine_logp is not None:  # one correction for the whole batch, every rank alike
+                weight = self._correct(batch.old_logp, batch.engine_logp, batch.completion_mask, reduce=False)
+                batch = batch.replace(pg_weight=weight)
         if cfg.beta > 0:
             batch = batch.replace(ref_logp=self._ref_logprobs(batch))
         return batch
@@ -370,10 +392,13 @@ class GRPOTrainer:
                                                               mini.completion_mask))
         logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
         old = micro.old_logp if micro.old_logp is not None else logp.detach()
+        weight_pg = micro.pg_weight  # off-policy: computed with the old log-probs for the whole batch
+        if micro.old_logp is None and micro.engine_logp is not None and not filler:  # on-policy: old = current
+            weight_pg = self._correct(old, micro.engine_logp, micro.completion_mask, reduce=True)
         loss, m = policy_loss(logp, old, micro.advantages, micro.completion_mask, clip_low=cfg.clip_low,
                               clip_high=cfg.clip_high, ref_logp=micro.ref_logp, beta=cfg.beta, kl=cfg.kl,
                               agg=cfg.loss_agg, variant=cfg.policy_loss, max_len=cfg.max_new_tokens,
-                              clip_ratio_c=cfg.clip_ratio_c)
+                              clip_ratio_c=cfg.clip_ratio_c, pg_weight=weight_pg)
         aux = self._moe_aux_loss()
         ((loss + aux) * (weight * self.dp.grad_scale)).backward()
         if filler:
@@ -383,141 +408,36 @@ class GRPOTrainer:
         m["moe_aux_loss"] = float(aux.detach())
         return {k: float(v) * weight for k, v in m.items()}
 
+    def _correct(self, old: Tensor, engine: Tensor, mask: Tensor, reduce: bool) -> Tensor | None:
+        """The rollout correction's weights for these rows (None for ``none``), adding their mismatch to the
+        step's; ``reduce``: the rows are this rank's share (summed over ranks at the end of the step)."""
+        stats = mismatch_stats(old, engine, mask)
+        weight, affected = correction_weights(old, engine, mask, self.correction, self.config.rollout_correction_cap)
+        stats["affected"] = float(affected.sum())
+        acc = self._mismatch
+        for key in ("abs_sum", "kl_sum", "tokens", "affected"):
+            acc[key] = acc.get(key, 0.0) + stats[key]
+        acc["abs_max"] = max(acc.get("abs_max", 0.0), stats["abs_max"])
+        acc["reduce"] = float(reduce)
+        return None if self.correction == "none" else weight
+
+    def _mismatch_metrics(self) -> dict[str, float]:
+        """The step's engine-trainer mismatch (:func:`grpo.correction.mismatch_metrics`); {} without engine
+        log-probs."""
+        acc = self._mismatch
+        if self.dp.enabled and self.dp.broadcast(bool(acc.get("reduce"))):  # every rank saw its share
+            parts = self.dp.all_gather(acc)
+            acc = {k: sum(p.get(k, 0.0) for p in parts) for k in ("abs_sum", "kl_sum", "tokens", "affected")}
+            acc["abs_max"] = max(p.get("abs_max", 0.0) for p in parts)
+        if not acc.get("tokens"):
+            return {}
+        return mismatch_metrics(acc, acc["affected"])
+
     def _moe_aux_loss(self) -> Tensor:
         """The policy's MoE balance losses from its last forward, summed and weighted by ``moe_aux_coef``."""
         if not self.config.moe_aux_coef or not self._aux_losses:
             return torch.zeros(())
         return self.config.moe_aux_coef * sum(self._aux_losses.values(), torch.zeros(()))
-
-    # -- weights ----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sync_weights(self, bucket_bytes: int = 64 << 20, metrics: dict[str, float] | None = None) -> None:
-        """Pushes the policy's weights to the engine in whole-layer buckets, then (``config.sync_check``) checks
-        that the engine holds them (:meth:`check_sync`).
-
-        Args:
-            bucket_bytes: About how many bytes to send per call (a decoder layer is never split).
-            metrics: Where to add ``time/sync``, ``time/sync_check``, ``sync/bytes`` and ``sync/checked_tensors``.
-
-        Raises:
-            KeyError / ValueError: before anything is sent, for a name or shape the engine does not accept.
-            StaleWeightsError: when the engine's weights differ from the trainer's after the sync.
-        """
-        metrics = {} if metrics is None else metrics
-        timer = _PhaseTimer(metrics)
-        checking = self.config.sync_check
-        probes: list[WeightReport] = []
-        with timer("sync"):
-            sent, nbytes = self._send_weights(bucket_bytes)
-        if self.dp.is_main:
-            metrics["sync/bytes"] = float(nbytes)
-            if checking:
-                with timer("sync_check"):
-                    metrics["sync/checked_tensors"], probes = self._check_fingerprints(sent)
-        if checking and self.dp.broadcast(bool(probes)):  # the probe is a forward: every rank runs it
-            with timer("sync_check"):
-                self._check_probes(probes)
-
-    def _send_weights(self, bucket_bytes: int) -> tuple[dict[str, Tensor | dict[str, Fingerprint]], int]:
-        """Sends the policy's weights to the engine in buckets (names checked first).
-
-        Every rank runs it: a sharded policy's tensors are gathered whole one at a time as the buckets fill
-        (never the whole model at once) and rank 0 sends each bucket.
-
-        Returns:
-            What rank 0 sent (name -> the tensor, or for a sharded policy, whose gathered tensors are freed
-            after their bucket, its fingerprints in every dtype an engine may hold it in), and how many bytes.
-        """
-        main, sharded = self.dp.is_main, is_sharded(self.policy)
-        if not self._sync_names_checked:  # engines outside the RolloutEngine ABC may lack these hooks
-            shapes = {n: tuple(t.shape) for n, t in named_weights(self.policy)}  # every rank: gathers if sharded
-            error = None
-            accepted = getattr(self.engine, "accepted_weights", lambda: None)() if main else None
-            if accepted is not None:
-                try:
-                    check_names(shapes, accepted, getattr(self.engine, "description", type(self.engine).__name__))
-                except (KeyError, ValueError) as exc:
-                    error = exc
-            error = self.dp.broadcast(error)  # every rank stops, not only rank 0
-            if error is not None:
-                raise error
-            self._sync_names_checked = True
-        sent: dict[str, Tensor | dict[str, Fingerprint]] = {}
-        nbytes = 0
-        for bucket in bucketed(named_weights(self.policy), bucket_bytes):
-            if not main:
-                continue
-            self.engine.update_weights(bucket)
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            sent.update({n: candidate_fingerprints(t) for n, t in bucket} if sharded else bucket)
-        return sent, nbytes
-
-    def check_sync(self, sent: dict[str, Tensor]) -> int:
-        """The stale-weight guard: every engine replica must hold ``sent``, judged by fingerprints per tensor
-        (exact, in the engine's dtype) or, for engines without them, by log-probs of a fixed probe sequence.
-
-        Returns:
-            How many tensors were checked by fingerprint (over all replicas).
-
-        Raises:
-            StaleWeightsError: naming the replica and the first tensor (or the probe) that differs.
-        """
-        checked, probes = self._check_fingerprints(sent)
-        if probes:
-            self._check_probes(probes)
-        return checked
-
-    @torch.no_grad()
-    def _check_fingerprints(self, sent: dict[str, Tensor | dict[str, Fingerprint]]) -> tuple[int, list[WeightReport]]:
-        """Compares the replicas' fingerprints with ``sent``'s; returns how many tensors that checked and the
-        reports that carry probe log-probs instead (for :meth:`_check_probes`)."""
-        checked = 0
-        probes: list[WeightReport] = []
-        reporter = getattr(self.engine, "weight_reports", None)
-        reports = reporter(list(sent), self._probe_ids()) if reporter is not None else [
-            WeightReport(type(self.engine).__name__, None, None)]
-        for report in reports:
-            if report.fingerprints is not None:
-                compare_fingerprints(sent, report.fingerprints, report.where)
-                checked += len(sent)
-            elif report.probe is not None:
-                probes.append(report)
-            elif not self._unverifiable_warned:
-                self._unverifiable_warned = True
-                log.warning("weight sync check: %s reports neither fingerprints nor probe log-probs; its weights "
-                            "are not checked", report.where)
-        return checked, probes
-
-    @torch.no_grad()
-    def _check_probes(self, probes: list[WeightReport]) -> None:
-        """Compares the engines' probe log-probs with the policy's (computed on every rank, compared on rank 0).
-
-        Raises:
-            StaleWeightsError: naming the replica whose probe differs by more than ``sync_probe_tol``.
-        """
-        mine = self._probe_logprobs(self._probe_ids())
-        for report in probes:
-            gap = sum(abs(a - b) for a, b in zip(report.probe, mine)) / max(1, len(mine))
-            if len(report.probe) != len(mine) or not gap <= self.config.sync_probe_tol:
-                raise StaleWeightsError(
-                    f"weight sync check: {report.where} gives log-probs of the probe sequence that differ from "
-                    f"the trainer's by {gap:.4g} on average (sync_probe_tol {self.config.sync_probe_tol}): the "
-                    f"engine would sample from stale or corrupted weights")
-
-    def _probe_ids(self, length: int = 16) -> list[int]:
-        vocab = min(len(self.tokenizer), int(getattr(getattr(self.policy, "config", None), "vocab_size", 0) or
-                                             len(self.tokenizer)))
-        return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(1234)).tolist()
-
-    def _probe_logprobs(self, ids: list[int]) -> list[float]:
-        was_training = self.policy.training
-        self.policy.eval()
-        device = next(self.policy.parameters()).device
-        batch = torch.tensor([ids], device=device)
-        with no_grad_forwards(self.policy):
-            logits = self.policy(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[0, :-1].float()
-        self.policy.train(was_training)
-        return logits.log_softmax(-1).gather(-1, batch[0, 1:, None]).squeeze(-1).tolist()
 
     # -- metrics ----------------------------------------------------------------------------------------
     def _rollout_metrics(self, rollouts: list[Rollout], scores: Scores, metrics: dict[str, float]
@@ -578,23 +498,3 @@ class GRPOTrainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.sync_weights()
-
-
-class _PhaseTimer:
-    """Context manager factory that adds the wall time of each phase to ``metrics["time/<phase>"]``."""
-
-    def __init__(self, metrics: dict[str, float]) -> None:
-        self.metrics = metrics
-
-    def __call__(self, phase: str) -> _PhaseTimer._Span:
-        return _PhaseTimer._Span(self.metrics, phase)
-
-    class _Span:
-        def __init__(self, metrics: dict[str, float], phase: str) -> None:
-            self.metrics, self.key = metrics, f"time/{phase}"
-
-        def __enter__(self) -> None:
-            self.start = time.perf_counter()
-
-        def __exit__(self, *exc: object) -> None:
-            self.metrics[self.key] = self.metrics.get(self.key, 0.0) + time.perf_counter() - self.start

@@ -158,6 +158,16 @@ class RolloutEngine(abc.ABC):
         """The engine and its model, for messages."""
         return type(self).__name__
 
+    def can_return_logprobs(self, sampling: SamplingConfig) -> bool:
+        """Whether :meth:`generate` can return log-probs under ``softmax(logits / T)`` with these settings."""
+        return True
+
+    @property
+    def logprobs_match_trainer(self) -> bool:
+        """Whether the engine's sampling log-probs are the trainer's own (the same model, dtype and kernels), so
+        that no rollout correction is needed (``rollout_correction: auto``, see :mod:`grpo.correction`)."""
+        return False
+
 
 
 def decode_completion(tokenizer: Any, tokens: Sequence[int], stop_ids: Iterable[int]) -> str:

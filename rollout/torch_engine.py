@@ -267,6 +267,12 @@ class TorchEngine(RolloutEngine):
         return logits.log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
 
     @property
+    def logprobs_match_trainer(self) -> bool:
+        """In float32 the engine runs the trainer's own model class and kernels: its log-probs are the trainer's
+        up to float rounding (a bfloat16 copy of a float32 trainer is not)."""
+        return next(self.model.parameters()).dtype == torch.float32
+
+    @property
     def description(self) -> str:
         """The engine's model for messages: its class and where it was loaded from."""
         source = getattr(getattr(self.model, "config", None), "_name_or_path", "") or ""

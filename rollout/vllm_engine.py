@@ -298,6 +298,11 @@ class VLLMEngine(RolloutEngine):
         )
 
     @torch.no_grad()
+    def can_return_logprobs(self, sampling: SamplingConfig) -> bool:
+        """vLLM's filtered log-probs are ours without a filter, or re-scored by a prefill at T = 1 (module
+        docstring)."""
+        return _vllm_logprobs_exact(sampling) or _rescorable(sampling)
+
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
         from vllm.inputs import TokensPrompt
 

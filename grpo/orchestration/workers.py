@@ -125,6 +125,13 @@ class RolloutGroup(RolloutEngine):
     def description(self) -> str:
         return self._ray.get(self.workers[0].description.remote())
 
+    def can_return_logprobs(self, sampling: SamplingConfig) -> bool:
+        return self._ray.get(self.workers[0].can_return_logprobs.remote(sampling))
+
+    @property
+    def logprobs_match_trainer(self) -> bool:
+        return all(self._ray.get([w.logprobs_match_trainer.remote() for w in self.workers]))
+
     def sleep(self) -> None:
         self._ray.get([w.sleep.remote() for w in self.workers])
 
@@ -238,6 +245,12 @@ class RolloutWorker:
 
     def description(self) -> str:
         return self.engine.description
+
+    def logprobs_match_trainer(self) -> bool:
+        return self.engine.logprobs_match_trainer
+
+    def can_return_logprobs(self, sampling: SamplingConfig) -> bool:
+        return self.engine.can_return_logprobs(sampling)
 
     def engine_class(self) -> str:
         return type(self.engine).__name__

@@ -54,14 +54,27 @@ def delta_lines(deltas: Mapping[str, Any], tax: float | None, phases: Sequence[s
     return lines
 
 
+def mismatch_table(mismatch: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """A row per RL phase: the engine-trainer mismatch over its steps (see :mod:`grpo.correction`)."""
+    lines = ["| phase | steps | mean abs log-prob gap | max abs gap | KL(engine, trainer) | corrected tokens |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {phase} | {m['steps']:.0f} | {m['logp_abs_mean']:.3g} | {m['logp_abs_max']:.3g} | {m['kl']:.3g} "
+              f"| {100 * m['corrected_frac']:.2f}% |" for phase, m in mismatch.items()]
+    return lines
+
+
 def run_report(run_dir: Path, evals: Mapping[str, PhaseEval], deltas: Mapping[str, Any], tax: float | None,
-              plots: Sequence[Path], settings: Mapping[str, Any], notes: Sequence[str]) -> str:
+              plots: Sequence[Path], settings: Mapping[str, Any], notes: Sequence[str],
+              mismatch: Mapping[str, Mapping[str, float]] | None = None) -> str:
     out = [f"# Run report: {run_dir.resolve().name}", ""]
     if evals:
         out += ["## Held-out evaluation after each phase", "", *phase_table(evals), ""]
         deltas_md = delta_lines(deltas, tax, list(evals))
         if deltas_md:
             out += ["## Deltas", "", *deltas_md, ""]
+    if mismatch:
+        out += ["## Rollout-training mismatch", "", "Per RL phase, the engine's log-probs of its samples against "
+                "the trainer's (means over steps; the max over all of them).", "", *mismatch_table(mismatch), ""]
     if plots:
         out += ["## Training curves", ""]
         for p in plots:

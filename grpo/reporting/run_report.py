@@ -230,6 +230,26 @@ def ran_settings(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return out
 
 
+MISMATCH_KEYS = ("logp_abs_mean", "logp_abs_max", "kl", "corrected_frac")
+
+
+def mismatch_by_phase(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per RL phase that logged it, the rollout-training mismatch over its steps: the means of the logged
+    ``mismatch/*`` values (the max of ``logp_abs_max``) and the number of steps."""
+    out = {}
+    for phase in RL_PHASES:
+        rows = [r for r in records if r.get("phase") == phase and r.get("mismatch/logp_abs_mean") is not None]
+        if rows:
+            out[phase] = {k: (max if k == "logp_abs_max" else _mean)([float(r[f"mismatch/{k}"]) for r in rows])
+                          for k in MISMATCH_KEYS}
+            out[phase]["steps"] = float(len(rows))
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
 def write_report(run_dir: str | Path, evals: Mapping[str, PhaseEval | Mapping[str, Any]], *,
                  recipe: Mapping[str, Any] | None = None, notes: Sequence[str] = ()) -> tuple[Path, Path]:
     """Writes ``run_dir/report.md`` and ``run_dir/report.json`` (atomically), regenerating the plots first.
@@ -246,7 +266,8 @@ def write_report(run_dir: str | Path, evals: Mapping[str, PhaseEval | Mapping[st
 
     Returns:
         ``(report.md, report.json)``. The JSON holds ``phases``, ``deltas`` (see :func:`compute_deltas`),
-        ``alignment_tax`` (accuracy points), ``plots``, ``settings`` and ``notes``; missing numbers are null.
+        ``alignment_tax`` (accuracy points), ``plots``, ``settings``, ``mismatch`` (:func:`mismatch_by_phase`)
+        and ``notes``; missing numbers are null.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -258,8 +279,9 @@ def write_report(run_dir: str | Path, evals: Mapping[str, PhaseEval | Mapping[st
     parsed = {str(phase): data if isinstance(data, PhaseEval) else PhaseEval.from_mapping(str(phase), data)
               for phase, data in evals.items()}
     settings = recipe_settings(recipe) if recipe is not None else {}
-    if (run_dir / METRICS_FILE).exists():
-        settings.update(ran_settings(read_metrics(run_dir)))  # what ran, as logged, over what was asked for
+    records = read_metrics(run_dir) if (run_dir / METRICS_FILE).exists() else []
+    settings.update(ran_settings(records))  # what ran, as logged, over what was asked for
+    mismatch = mismatch_by_phase(records)
     recipe_data = dataclasses.asdict(recipe) if dataclasses.is_dataclass(recipe) else recipe
     deltas, tax = compute_deltas(parsed, recipe_data)
     plots = plot_metrics(run_dir) if (run_dir / METRICS_FILE).exists() else []
@@ -269,9 +291,10 @@ def write_report(run_dir: str | Path, evals: Mapping[str, PhaseEval | Mapping[st
         "alignment_tax": tax,
         "plots": [Path(os.path.relpath(p, run_dir)).as_posix() for p in plots],
         "settings": settings,
+        "mismatch": mismatch,
         "notes": list(notes),
     }
     md_path, json_path = run_dir / "report.md", run_dir / "report.json"
     atomic_write_text(json_path, json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
-    atomic_write_text(md_path, run_report(run_dir, parsed, deltas, tax, plots, settings, notes))
+    atomic_write_text(md_path, run_report(run_dir, parsed, deltas, tax, plots, settings, notes, mismatch))
     return md_path, json_path

@@ -470,3 +470,20 @@ def test_recipe_table_shows_the_settings_the_run_logged():
     assert got["rl_pref.grpo.lr"] == "0.0002 .. 0.0002 -> 5e-05 (first, peak and last of 3 logged steps)"
     assert got["rl_pref.grpo.temperature"] == "0.7" and got["rl_pref.grpo.weight_decay"] == "0.05"
     assert got["sft.train.lr"] == "0.003"
+
+
+def test_the_report_shows_the_rollout_mismatch_per_phase(tmp_path):
+    with MetricsLogger(tmp_path) as logger:
+        for step, (gap, top, kl, frac) in enumerate([(0.01, 0.2, 1e-4, 0.0), (0.03, 0.5, 3e-4, 0.1)], start=1):
+            logger.log("rl_reason", step, {"mismatch/logp_abs_mean": gap, "mismatch/logp_abs_max": top,
+                                           "mismatch/kl": kl, "mismatch/corrected_frac": frac, "loss": 0.1})
+        logger.log("rl_pref", 1, {"loss": 0.2})  # a phase without engine log-probs: no row
+    md_path, json_path = write_report(tmp_path, {"sft": {"accuracy": 0.3, "rewards": {}}})
+    mismatch = json.loads(json_path.read_text())["mismatch"]
+    assert list(mismatch) == ["rl_reason"]
+    assert mismatch["rl_reason"] == pytest.approx({"logp_abs_mean": 0.02, "logp_abs_max": 0.5, "kl": 2e-4,
+                                                   "corrected_frac": 0.05, "steps": 2})
+    md = md_path.read_text()
+    assert "## Rollout-training mismatch" in md
+    assert "| rl_reason | 2 | 0.02 | 0.5 | 0.0002 | 5.00% |" in md
+    assert (tmp_path / "plots" / "mismatch.png").exists()

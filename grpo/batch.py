@@ -67,6 +67,8 @@ class Trajectories:
         engine_logp: ``[N, T]`` the rollout engine's log-probs of the sampled tokens (None when it gave none).
         pg_weight: ``[N, T]`` the rollout correction's weights (:mod:`grpo.correction`; None: computed per
             micro-batch from the current log-probs, or no correction).
+        routing: ``[N, L, M, K]`` the engine's expert choices per position and MoE layer for router replay
+            (-1 where the engine ran no token); None without replay.
     """
 
     input_ids: Tensor
@@ -78,6 +80,7 @@ class Trajectories:
     ref_logp: Tensor | None = None
     engine_logp: Tensor | None = None
     pg_weight: Tensor | None = None
+    routing: Tensor | None = None
 
     @property
     def completion_len(self) -> int:

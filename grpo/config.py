@@ -72,6 +72,11 @@ class GRPOConfig:
             ``auto`` (``none`` for an engine whose log-probs are the trainer's own, our float32 torch engine;
             ``tis`` otherwise, e.g. vLLM). The mismatch itself is measured every step whatever this says.
         rollout_correction_cap: ``C > 1``: the truncation (``tis``) or the kept range ``[1/C, C]`` (``mis``).
+        router_replay: Rollout routing replay (R3) for our MoE policy: the engine records the experts it routed
+            every token to and the policy's log-prob and update passes route by them (the gate weights still
+            come from the current router, so it keeps learning; see :mod:`model.routing`). Those passes then run
+            every row's prompt in full (a shared-prefix forward cannot be replayed). Needs an engine that
+            records routing: our torch engine; the vLLM engine refuses it.
         seed: Seed of sampling and minibatch shuffling.
     """
 
@@ -111,6 +116,7 @@ class GRPOConfig:
     sync_probe_tol: float = 0.02
     rollout_correction: str = "auto"
     rollout_correction_cap: float = 2.0
+    router_replay: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ from model.distributed import (
     no_grad_forwards,
     sum_router_loads,
 )
+from model.routing import replayed_routing
 from rollout.base import Rollout, RolloutEngine, SamplingConfig
 from rollout.weights import (
     named_weights,
@@ -112,6 +113,10 @@ class GRPOTrainer(WeightSync):
         self.correction = self.dp.broadcast(resolve(config.rollout_correction, matches))
         self._mismatch: dict[str, float] = {}
         self._engine_gives_logprobs: bool | None = None
+        if config.router_replay and dp.is_main and not getattr(engine, "can_record_routing", False):
+            raise ValueError(f"router_replay: {getattr(engine, 'description', type(engine).__name__)} cannot record "
+                             f"the experts it routes tokens to; use the torch engine with our MoE model (vLLM 0.32 "
+                             f"has enable_return_routed_experts, which this toolkit's vLLM engine does not use yet)")
         decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else policy
         decoder.register_forward_hook(self._capture_aux_losses)
 
@@ -217,7 +222,8 @@ class GRPOTrainer(WeightSync):
         prompt_ids = [encode_prompt(self.tokenizer, row["prompt"]) for row in rows]
         sampling = SamplingConfig(n=cfg.group_size, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   top_p=cfg.top_p, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng)),
-                                  logprobs=True)  # the engine's own: the mismatch and its correction
+                                  logprobs=True,  # the engine's own: the mismatch and its correction
+                                  record_routing=cfg.router_replay)
         if self._engine_gives_logprobs is None:  # asked once: the settings are the stage's
             self._engine_gives_logprobs = bool(getattr(self.engine, "can_return_logprobs", lambda s: True)(sampling))
             if not self._engine_gives_logprobs:
@@ -266,8 +272,10 @@ class GRPOTrainer(WeightSync):
         if self.config.mask_truncated:
             truncated = torch.tensor([r.finish_reason == "length" for r in rollouts])
             comp = comp.masked_fill(truncated[:, None], 0)
+        routing = (_replay_routing(rollouts, ids.shape[1] - comp.shape[1], ids.shape[1]) if self.config.router_replay
+                   else None)
         return Trajectories(ids, attn, comp, advantages.float(), rewards,
-                            engine_logp=self._engine_logprobs(rollouts, comp.shape[1]))
+                            engine_logp=self._engine_logprobs(rollouts, comp.shape[1]), routing=routing)
 
     def _engine_logprobs(self, rollouts: list[Rollout], width: int) -> Tensor | None:
         """``[N, T]`` the engine's log-probs of the sampled tokens, or None when it gave none for some row."""
@@ -280,9 +288,12 @@ class GRPOTrainer(WeightSync):
 
     def _logprobs(self, model: nn.Module, batch: Trajectories, with_entropy: bool = False
                   ) -> tuple[Tensor, Tensor | None]:
-        return sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_len,
-                                 chunk_size=self.config.logprob_chunk_size, with_entropy=with_entropy,
-                                 temperature=self.config.temperature or 1.0, share_prompts=self.config.share_prompts)
+        replay = batch.routing is not None and model is self.policy  # the reference routes by itself
+        with replayed_routing(model, batch.routing) if replay else contextlib.nullcontext():
+            return sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_len,
+                                     chunk_size=self.config.logprob_chunk_size, with_entropy=with_entropy,
+                                     temperature=self.config.temperature or 1.0,
+                                     share_prompts=self.config.share_prompts and not replay)
 
     def _batched_logprobs(self, model: nn.Module, batch: Trajectories) -> Tensor:
         """``[N, T]`` log-probs of ``batch`` by micro-batches; with several ranks each runs its share."""
@@ -498,3 +509,14 @@ class GRPOTrainer(WeightSync):
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.sync_weights()
+
+
+def _replay_routing(rollouts: list[Rollout], prompt_width: int, width: int) -> Tensor:
+    """``[N, L, M, K]`` (``L = width``) the engine's expert choices laid out as the trajectories' tensors (prompts
+    left-padded to ``prompt_width``, completions right-padded), -1 where the engine ran nothing."""
+    m, k = rollouts[0].routing.shape[1:]
+    out = torch.full((len(rollouts), width, m, k), -1, dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        first = prompt_width - len(r.prompt_ids)
+        out[i, first:first + r.routing.shape[0]] = r.routing
+    return out

@@ -577,6 +577,8 @@ class Gate(_Float32Buffers):
         self.score = SCORE_FUNCS[config.scoring_func]
         self.select = TOPK_SELECTORS[config.topk_method]
         self.init_runtime_buffers(self.weight.device)
+        self.replay: Tensor | None = None  # [B, T, K] expert ids to route by, -1: choose (see model.routing)
+        self.recording: list[Tensor] | None = None  # every forward's chosen ids [N, K] are appended here
 
     def init_runtime_buffers(self, device: torch.device) -> None:
         """Zeroed token counters: ``tokens_seen`` (for :meth:`routing_stats`) and ``load_since_update``."""
@@ -591,6 +593,10 @@ class Gate(_Float32Buffers):
         scores = self.score(F.linear(_cast(x, torch.float32), _cast(self.weight, torch.float32)))  # [N, E]
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         indices = self.select(choice, c.n_group, c.topk_group, self.top_k)  # [N, K]
+        if self.replay is not None:  # route by the replayed experts; the weights still come from the scores
+            indices = _replayed(indices, self.replay)
+        if self.recording is not None:
+            self.recording.append(indices.detach().clone())
         weights = scores.gather(1, indices)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -613,6 +619,17 @@ class Gate(_Float32Buffers):
         load = self.load_since_update.float()
         self.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
         self.load_since_update.zero_()
+
+
+def _replayed(chosen: Tensor, replay: Tensor) -> Tensor:
+    """``chosen [N, K]`` with the rows ``replay [B, T, K]`` gives (the forward runs the first ``N / B`` of its
+    ``T`` positions), except where ``replay`` holds -1."""
+    b, n = replay.shape[0], chosen.shape[0]
+    if n % b or n // b > replay.shape[1]:
+        raise ValueError(f"router replay: {n} routed tokens are not the first positions of the replayed "
+                         f"[{b}, {replay.shape[1]}] rows (a shared-prefix forward cannot be replayed)")
+    rows = replay[:, : n // b].reshape(n, -1).to(chosen.device)
+    return torch.where(rows >= 0, rows, chosen)
 
 
 # ----------------------------------------------------------------------------------------------- MoE

@@ -38,6 +38,8 @@ class SamplingConfig:
         min_tokens: Stop tokens cannot be sampled before this many new tokens.
         seed: Seed for reproducible sampling; None draws from the global generator.
         logprobs: Whether to return per-token log-probs of the sampled tokens.
+        record_routing: Whether to return the experts the engine routed every token to (an MoE policy's
+            rollout routing replay, :mod:`model.routing`); engines that cannot refuse it.
     """
 
     n: int = 1
@@ -50,6 +52,7 @@ class SamplingConfig:
     min_tokens: int = 0
     seed: int | None = None
     logprobs: bool = True
+    record_routing: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +87,9 @@ class Rollout:
         finish_reason: ``"stop"`` (a stop token or string) or ``"length"`` (``max_tokens`` reached).
         text: The decoded completion (empty when the engine has no tokenizer).
         prompt_index: Index of the prompt in the ``generate`` call.
+        routing: With ``record_routing``, the experts chosen for every token the engine ran, prompt then
+            completion (all but the last completion token, which is never fed back):
+            ``[len(prompt_ids) + len(completion_ids) - 1, M, K]`` for ``M`` MoE layers; else None.
     """
 
     prompt_ids: list[int]
@@ -93,6 +99,7 @@ class Rollout:
     text: str = ""
     prompt_index: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    routing: Any = None
 
 
 class RolloutEngine(abc.ABC):
@@ -157,6 +164,11 @@ class RolloutEngine(abc.ABC):
     def description(self) -> str:
         """The engine and its model, for messages."""
         return type(self).__name__
+
+    @property
+    def can_record_routing(self) -> bool:
+        """Whether :meth:`generate` can honour ``SamplingConfig.record_routing``."""
+        return False
 
     def can_return_logprobs(self, sampling: SamplingConfig) -> bool:
         """Whether :meth:`generate` can return log-probs under ``softmax(logits / T)`` with these settings."""

@@ -10,6 +10,7 @@ How it stays fast on small hardware:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from model import DeepSeekForCausalLM, LatentKVCache
+from model.routing import moe_gates, recorded_routing
 from rollout.base import Rollout, RolloutEngine, SamplingConfig, decode_completion
 from rollout.loading import load_causal_lm, load_tokenizer
 from rollout.offload import Offloader
@@ -170,6 +172,18 @@ class TorchEngine(RolloutEngine):
             raise RuntimeError("the engine is asleep: call wake_up() before generate()")
         if sampling.stop and self.tokenizer is None:
             raise ValueError("SamplingConfig.stop (stop strings) needs an engine built with a tokenizer")
+        if sampling.record_routing and not self.can_record_routing:
+            raise ValueError(f"SamplingConfig.record_routing: {self.description} has no MoE router of ours to "
+                             f"record (router replay works with our DeepSeek models)")
+        with recorded_routing(self.model) if sampling.record_routing else contextlib.nullcontext() as logs:
+            rollouts, fed = self._generate(prompt_token_ids, sampling)
+        if sampling.record_routing:
+            _attach_routing(rollouts, logs, fed, sampling.n)
+        return rollouts
+
+    def _generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+                  ) -> tuple[list[Rollout], list[torch.Tensor]]:
+        """The rollouts, and the global sample index of every row of each decode step's forward."""
         n, stop_ids = sampling.n, self._stop_ids(sampling)
         ids, mask, pos = left_pad(prompt_token_ids, self._pad_id(), self.device)
         backend: _DecodeBackend = (_LatentBackend(self.model, ids.shape[1] + sampling.max_tokens)
@@ -187,6 +201,7 @@ class TorchEngine(RolloutEngine):
         logprobs: list[list[float]] = [[] for _ in range(rows.numel())]
         finish: list[str] = ["length"] * rows.numel()
         stop_tensor = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
+        fed: list[torch.Tensor] = []  # the samples each decode forward ran, in its row order
 
         for step in range(sampling.max_tokens):
             banned = stop_tensor if step < sampling.min_tokens else None
@@ -207,6 +222,7 @@ class TorchEngine(RolloutEngine):
                 backend.select(keep)
                 tokens, mask, next_pos, active = tokens[keep], mask[keep], next_pos[keep], active[keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            fed.append(active.clone())
             logits = backend.step(tokens, mask, next_pos[:, None])
             next_pos = next_pos + 1
 
@@ -220,7 +236,7 @@ class TorchEngine(RolloutEngine):
                 prompt_index=g // n,
             )
             for g in range(rows.numel())
-        ]
+        ], fed
 
     # -- weights and memory -----------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -267,6 +283,11 @@ class TorchEngine(RolloutEngine):
         return logits.log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
 
     @property
+    def can_record_routing(self) -> bool:
+        """Our MoE models: their routers record what they chose (:mod:`model.routing`)."""
+        return _is_ours(self.model) and bool(moe_gates(self.model))
+
+    @property
     def logprobs_match_trainer(self) -> bool:
         """In float32 the engine runs the trainer's own model class and kernels: its log-probs are the trainer's
         up to float rounding (a bfloat16 copy of a float32 trainer is not)."""
@@ -301,6 +322,25 @@ class TorchEngine(RolloutEngine):
     @property
     def is_sleeping(self) -> bool:
         return self._sleeping
+
+
+def _attach_routing(rollouts: list[Rollout], logs: list[list[torch.Tensor]], fed: list[torch.Tensor], n: int
+                    ) -> None:
+    """Sets each rollout's ``routing`` from the gates' records: the prefill's ``[B * P, K]`` (left-padded
+    prompts) first, then one ``[A, K]`` per decode forward over the samples ``fed[s]``."""
+    layers = len(logs)
+    prompts = len(rollouts) // n
+    prefill = torch.stack([log[0] for log in logs], dim=1).view(prompts, -1, layers, logs[0][0].shape[-1])
+    steps = [torch.stack([log[1 + s] for log in logs], dim=1).cpu() for s in range(len(fed))]  # [A, M, K] each
+    per_sample: list[list[torch.Tensor]] = [[] for _ in rollouts]
+    for step, rows in zip(steps, fed):
+        for r, g in enumerate(rows.tolist()):
+            per_sample[g].append(step[r])
+    width = prefill.shape[1]
+    for g, rollout in enumerate(rollouts):
+        prompt = prefill[g // n, width - len(rollout.prompt_ids):].cpu()  # [P_g, M, K]
+        done = torch.stack(per_sample[g]) if per_sample[g] else prompt[:0]
+        rollout.routing = torch.cat([prompt, done])  # [P_g + C_g - 1, M, K]
 
 
 def _load(path: str, tokenizer: Any) -> tuple[nn.Module, Any]:

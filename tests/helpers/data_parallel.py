@@ -234,5 +234,11 @@ def free_port() -> int:
 def spawn_ranks(world: int, out_dir: Path) -> dict[str, dict[str, Any]]:
     """Runs :func:`run_cases` on ``world`` gloo ranks (fresh processes); returns rank 0's results."""
     out = out_dir / f"ranks{world}.pt"
-    mp.spawn(_rank, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    for attempt in range(3):  # the free port may be taken by another process before rank 0 binds it
+        try:
+            mp.spawn(_rank, args=(world, free_port(), str(out)), nprocs=world, join=True)
+            break
+        except mp.ProcessRaisedException as exc:
+            if attempt == 2 or "address already in use" not in str(exc).lower():
+                raise
     return torch.load(out, weights_only=False)

@@ -164,8 +164,11 @@ def test_short_full_pipeline_writes_report_and_loadable_checkpoints(tmp_path):
         names = {"preference", "rm:helpful", "rm:safety", "format"}
         assert names | {f"{n} (sampled)" for n in names} <= set(phase["rewards"])
     assert report["alignment_tax"] is not None
-    assert (run / "report.md").read_text().count("| rl_pref |") == 1
-    assert (run / "plots" / "reward.png").exists()
+    # one row in the evaluation table, one in the rollout-mismatch table
+    assert (run / "report.md").read_text().count("| rl_pref |") == 2
+    assert set(report["mismatch"]) == {"rl_reason", "rl_pref"}
+    assert report["mismatch"]["rl_reason"]["logp_abs_mean"] < 1e-5  # our float32 engine: the trainer's numbers
+    assert (run / "plots" / "reward.png").exists() and (run / "plots" / "mismatch.png").exists()
     phases = {json.loads(line)["phase"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert {"sft", "rl_reason", "rm", "rl_pref", "eval"} <= phases
     for name in ("sft", "rl_reason", "rl_pref"):

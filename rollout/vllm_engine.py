@@ -279,6 +279,9 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("every prompt must have at least one token")
         if sampling.stop and self.vllm_tokenizer is None:
             raise ValueError("SamplingConfig.stop (stop strings) needs an engine with a tokenizer")
+        if sampling.record_routing:
+            raise ValueError("SamplingConfig.record_routing: this vLLM engine does not return routed experts (vLLM "
+                             "0.32's enable_return_routed_experts is not wired in); use the torch engine")
         if sampling.logprobs and not _vllm_logprobs_exact(sampling) and not _rescorable(sampling):
             raise ValueError(
                 f"SamplingConfig: vLLM cannot return log-probs under softmax(logits / T) before top-k/top-p/"

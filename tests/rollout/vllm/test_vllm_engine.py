@@ -303,3 +303,11 @@ def test_the_stale_weight_guard_checks_a_vllm_engine_by_probe(engine_a, model_a,
     stale = GRPOTrainer(copy.deepcopy(model_b), engine_a, lambda p, c, **k: [0.0] * len(c), tiny_tok, cfg)
     with pytest.raises(StaleWeightsError, match="log-probs of the probe sequence that differ"):
         stale.check_sync(dict(stale.policy.named_hf_weights()))  # B's weights were never sent
+
+
+def test_router_replay_is_refused_by_name(engine_a):
+    assert not engine_a.can_record_routing
+    assert engine_a.can_return_logprobs(SamplingConfig(temperature=1.0, top_p=0.9))  # re-scored at T = 1
+    assert not engine_a.can_return_logprobs(SamplingConfig(temperature=0.7, top_p=0.9))
+    with pytest.raises(ValueError, match="does not return routed experts"):
+        engine_a.generate([[5, 6, 7]], SamplingConfig(max_tokens=2, record_routing=True))

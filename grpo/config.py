@@ -77,6 +77,12 @@ class GRPOConfig:
             come from the current router, so it keeps learning; see :mod:`model.routing`). Those passes then run
             every row's prompt in full (a shared-prefix forward cannot be replayed). Needs an engine that
             records routing: our torch engine; the vLLM engine refuses it.
+        async_rollouts: One-step off-policy rollouts: step k+1's completions are sampled on the rollout workers
+            while the trainer updates on step k's, with the weights before that update (bounded staleness
+            ``max_staleness``). The ratio's old policy is the trainer's own (proximal) log-probs and the
+            engine's log-probs are the behaviour policy, weighted in by ``rollout_correction`` (``auto``:
+            ``tis``), the decoupled objective (Hilton et al. 2022; AReaL). Not with dynamic sampling.
+        max_staleness: How many updates a sampled batch may lag; 1 (one-step off-policy) is the one supported.
         seed: Seed of sampling and minibatch shuffling.
     """
 
@@ -117,6 +123,8 @@ class GRPOConfig:
     rollout_correction: str = "auto"
     rollout_correction_cap: float = 2.0
     router_replay: bool = False
+    async_rollouts: bool = False
+    max_staleness: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -142,6 +150,7 @@ class GRPOConfig:
         if self.rollout_correction != "auto" and self.rollout_correction not in correction.CORRECTIONS:
             raise ValueError(f"rollout_correction must be auto or one of {list(correction.CORRECTIONS)}, got "
                              f"{self.rollout_correction!r}")
+        self._check_async()
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         batch = self.prompts_per_step * self.group_size
@@ -154,6 +163,13 @@ class GRPOConfig:
         self._check_choice("lr_schedule", ("constant", "cosine"))
         self._check_choice("advantage_scale", (None, "group", "batch", "none"))
         self._check_registered()
+
+    def _check_async(self) -> None:
+        if self.async_rollouts and self.max_staleness != 1:
+            raise ValueError(f"max_staleness: only 1 (one-step off-policy) is supported, got {self.max_staleness}")
+        if self.async_rollouts and self.dynamic_sampling:
+            raise ValueError("async_rollouts cannot be combined with dynamic_sampling (the next batch is sampled "
+                             "before this one's groups are scored)")
 
     def _check_choice(self, name: str, allowed: tuple) -> None:
         if getattr(self, name) not in allowed:

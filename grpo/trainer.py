@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,7 @@ from model.distributed import (
     sum_router_loads,
 )
 from model.routing import replayed_routing
-from rollout.base import Rollout, RolloutEngine, SamplingConfig
+from rollout.base import PendingRollouts, Rollout, RolloutEngine, SamplingConfig
 from rollout.weights import (
     named_weights,
 )
@@ -110,7 +111,9 @@ class GRPOTrainer(WeightSync):
         self._unverifiable_warned = False
         # the rollout correction this engine needs (rank 0 knows the engine; every rank applies it)
         matches = bool(getattr(engine, "logprobs_match_trainer", False)) if dp.is_main else False
-        self.correction = self.dp.broadcast(resolve(config.rollout_correction, matches))
+        # one step behind, the engine's log-probs are the behaviour policy's, never the trainer's own
+        self.correction = self.dp.broadcast(resolve(config.rollout_correction, matches and not config.async_rollouts))
+        self._pending: tuple[list[Row], PendingRollouts] | None = None  # async: the next step's, being sampled
         self._mismatch: dict[str, float] = {}
         self._engine_gives_logprobs: bool | None = None
         if config.router_replay and dp.is_main and not getattr(engine, "can_record_routing", False):
@@ -137,12 +140,15 @@ class GRPOTrainer(WeightSync):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     # -- one step -----------------------------------------------------------------------------------------------
-    def step(self, rows: list[Row], refill: Callable[[int], list[Row]] | None = None) -> dict[str, float]:
+    def step(self, rows: list[Row], refill: Callable[[int], list[Row]] | None = None,
+             next_rows: list[Row] | None = None) -> dict[str, float]:
         """Runs one RL step on ``rows`` (each with a ``prompt`` and the reward functions' columns).
 
         Args:
             rows: ``prompts_per_step`` dataset rows.
             refill: With dynamic sampling, called with a count to draw that many more rows.
+            next_rows: With ``async_rollouts``, the next step's rows: they start being sampled now, with the
+                weights before this step's update, and the next call must pass them as its ``rows``.
 
         Returns:
             The step's metrics (flat dict of floats).
@@ -150,9 +156,15 @@ class GRPOTrainer(WeightSync):
         cfg = self.config
         metrics: dict[str, float] = {}
         timer = PhaseTimer(metrics)
+        started = time.perf_counter()
         batch = rollouts = scores = None
         if self.dp.is_main:
-            rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer)
+            ahead = self._take_pending(rows)
+            metrics["async/staleness"] = float(ahead is not None)  # sampled a step ago, before the last update
+            if cfg.async_rollouts and next_rows is not None:
+                ahead = ahead or self._launch(rows)  # queued before the next batch on the workers
+                self._pending = (list(next_rows), self._launch(next_rows))
+            rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer, ahead)
             with timer("advantages"):
                 rewards = torch.tensor(scores.total, dtype=torch.float32)
                 batch = self._trajectories(rollouts, self._advantages(rollouts, scores), rewards)
@@ -171,6 +183,7 @@ class GRPOTrainer(WeightSync):
         if self.dp.is_main:
             metrics.update(self._rollout_metrics(rollouts, scores, metrics))
         metrics.update(self._settings_that_ran())
+        metrics["time/step"] = time.perf_counter() - started  # the whole step, overlapped parts once
         return metrics
 
     def _settings_that_ran(self) -> dict[str, float]:
@@ -179,10 +192,27 @@ class GRPOTrainer(WeightSync):
                 "weight_decay": float(self.optimizer.param_groups[0].get("weight_decay", 0.0))}
 
     # -- generate + score (with dynamic sampling) ---------------------------------------------------------------
+    def _take_pending(self, rows: list[Row]) -> PendingRollouts | None:
+        """The rollouts sampled ahead for ``rows`` (async), or None.
+
+        Raises:
+            RuntimeError: when rows were sampled ahead for another batch.
+        """
+        if self._pending is None:
+            return None
+        ahead_rows, ahead = self._pending
+        self._pending = None
+        if [r["prompt"] for r in ahead_rows] != [r["prompt"] for r in rows]:
+            raise RuntimeError("async_rollouts: this step's rows are not the ones sampled ahead by the previous "
+                               "step (pass the previous call's next_rows as rows)")
+        return ahead
+
     def _sample_and_score(self, rows: list[Row], refill: Callable[[int], list[Row]] | None,
-                          metrics: dict[str, float], timer: PhaseTimer) -> tuple[list[Row], list[Rollout], Scores]:
-        """Samples and scores ``rows``; with dynamic sampling, drops the groups without signal and samples rows
-        from ``refill`` in their place (up to ``max_refill_rounds`` rounds)."""
+                          metrics: dict[str, float], timer: PhaseTimer, ahead: PendingRollouts | None = None
+                          ) -> tuple[list[Row], list[Rollout], Scores]:
+        """Samples (or takes the rollouts sampled ``ahead``) and scores ``rows``; with dynamic sampling, drops
+        the groups without signal and samples rows from ``refill`` in their place (up to ``max_refill_rounds``
+        rounds)."""
         cfg = self.config
         want, g = len(rows), cfg.group_size
         kept_rows: list[Row] = []
@@ -190,8 +220,9 @@ class GRPOTrainer(WeightSync):
         kept_scores: list[Scores] = []
         pending, rounds, dropped = rows, 0, 0
         while pending:
-            with timer("generate"):
-                rollouts = self.generate(pending)
+            with timer("generate"):  # async: the wait for what was sampled while the last step trained
+                rollouts = ahead.result() if ahead is not None else self.generate(pending)
+                ahead = None
             with timer("score"):
                 scores = self.score(pending, rollouts)
             for i, row in enumerate(pending):
@@ -218,6 +249,10 @@ class GRPOTrainer(WeightSync):
 
     def generate(self, rows: list[Row]) -> list[Rollout]:
         """Samples ``group_size`` completions per row with the engine."""
+        return self._launch(rows).result()
+
+    def _launch(self, rows: list[Row]) -> PendingRollouts:
+        """Starts sampling ``group_size`` completions per row (at once, on engines that run elsewhere)."""
         cfg = self.config
         prompt_ids = [encode_prompt(self.tokenizer, row["prompt"]) for row in rows]
         sampling = SamplingConfig(n=cfg.group_size, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -230,7 +265,10 @@ class GRPOTrainer(WeightSync):
                 log.warning("%s cannot return sampling log-probs with temperature %s and top_p %s: the rollout "
                             "mismatch is not measured or corrected", getattr(self.engine, "description", "the "
                             "engine"), cfg.temperature, cfg.top_p)
-        return self.engine.generate(prompt_ids, dataclasses.replace(sampling, logprobs=self._engine_gives_logprobs))
+        sampling = dataclasses.replace(sampling, logprobs=self._engine_gives_logprobs)
+        if hasattr(self.engine, "generate_async"):
+            return self.engine.generate_async(prompt_ids, sampling)
+        return PendingRollouts.done(self.engine.generate(prompt_ids, sampling))  # an engine outside the ABC
 
     def score(self, rows: list[Row], rollouts: list[Rollout]) -> Scores:
         """Scores completions with the reward (``None`` counts 0 in the total); with ``advantage="process"``, the
@@ -493,11 +531,17 @@ class GRPOTrainer(WeightSync):
             "rng": self.rng.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
+            # async: the batch sampled ahead (it finished before the sync that ended the step), so a resumed run
+            # trains on exactly what the uninterrupted one would
+            "pending": (self._pending[0], self._pending[1].result()) if self._pending is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores a :meth:`state_dict` (without ``policy`` and ``optimizer``: the rest only, the caller having
         restored those) and pushes the weights to the engine."""
+        if state.get("pending") is not None and self.dp.is_main:
+            rows, rollouts = state["pending"]
+            self._pending = (rows, PendingRollouts.done(rollouts))
         if "policy" in state:
             self.policy.load_state_dict(state["policy"])
             self.optimizer.load_state_dict(state["optimizer"])

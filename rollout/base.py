@@ -10,7 +10,7 @@ when built, so importing :mod:`rollout` never imports vLLM.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -102,6 +102,22 @@ class Rollout:
     routing: Any = None
 
 
+class PendingRollouts:
+    """Rollouts being sampled: :meth:`result` waits for them (see :meth:`RolloutEngine.generate_async`)."""
+
+    def __init__(self, wait: Callable[[], list[Rollout]]) -> None:
+        self._wait, self._done = wait, None
+
+    @classmethod
+    def done(cls, rollouts: list[Rollout]) -> PendingRollouts:
+        return cls(lambda: rollouts)
+
+    def result(self) -> list[Rollout]:
+        if self._done is None:
+            self._done = self._wait()
+        return self._done
+
+
 class RolloutEngine(abc.ABC):
     """A generation backend the trainer drives: generate, take new weights, sleep and wake."""
 
@@ -164,6 +180,12 @@ class RolloutEngine(abc.ABC):
     def description(self) -> str:
         """The engine and its model, for messages."""
         return type(self).__name__
+
+    def generate_async(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+                       ) -> PendingRollouts:
+        """Starts :meth:`generate` and returns at once where the engine runs elsewhere (rollout workers): the
+        caller trains meanwhile. An in-process engine samples now and returns them done."""
+        return PendingRollouts.done(self.generate(prompt_token_ids, sampling))
 
     @property
     def can_record_routing(self) -> bool:

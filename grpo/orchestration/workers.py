@@ -39,7 +39,7 @@ from rewards.combine import RewardSpec, combine
 from rewards.registry import get_reward
 from rewards.rm_train import train_reward_model_from_checkpoint
 from rewards.rules import AccuracyReward
-from rollout.base import Rollout, RolloutEngine, SamplingConfig, build_engine
+from rollout.base import PendingRollouts, Rollout, RolloutEngine, SamplingConfig, build_engine
 from rollout.loading import load_causal_lm, load_tokenizer, meta_causal_lm
 from rollout.offload import Offloader
 from rollout.vllm_engine import expected_weights
@@ -95,6 +95,12 @@ class RolloutGroup(RolloutEngine):
         self.transport = WEIGHT_TRANSPORTS.get(transport)(self.workers)
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
+        return self.generate_async(prompt_token_ids, sampling).result()
+
+    def generate_async(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
+                       ) -> PendingRollouts:
+        """Starts every worker on its share and returns at once; the workers keep their calls in order, so a
+        later weight update waits for this generation."""
         share = -(-len(prompt_token_ids) // len(self.workers))
         futures, offsets = [], []
         for i, worker in enumerate(self.workers):
@@ -102,12 +108,16 @@ class RolloutGroup(RolloutEngine):
             if part:
                 futures.append(worker.generate.remote(part, sampling))
                 offsets.append(i * share)
-        out: list[Rollout] = []
-        for offset, rollouts in zip(offsets, self._ray.get(futures)):
-            for r in rollouts:
-                r.prompt_index += offset
-            out.extend(rollouts)
-        return out
+
+        def wait() -> list[Rollout]:
+            out: list[Rollout] = []
+            for offset, rollouts in zip(offsets, self._ray.get(futures)):
+                for r in rollouts:
+                    r.prompt_index += offset
+                out.extend(rollouts)
+            return out
+
+        return PendingRollouts(wait)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         bucket = list(named_tensors)
@@ -404,15 +414,17 @@ class PolicyWorker:
                                    ref_model=ref, optimizer_state=carried, dp=self.dp)
         self.trainer.sync_weights()
 
-    def rl_step(self, rows: list[dict], refill_rows: list[dict] | None = None) -> dict[str, float]:
-        """One GRPO step; ``refill_rows`` are drawn from (in order) when dynamic sampling drops groups."""
+    def rl_step(self, rows: list[dict], refill_rows: list[dict] | None = None,
+                next_rows: list[dict] | None = None) -> dict[str, float]:
+        """One GRPO step; ``refill_rows`` are drawn from (in order) when dynamic sampling drops groups;
+        ``next_rows`` (``async_rollouts``) start being sampled while this step trains."""
         pool = list(refill_rows or [])
 
         def refill(k: int) -> list[dict]:
             taken, pool[:] = pool[:k], pool[k:]
             return taken
 
-        return self.trainer.step(rows, refill=refill if pool else None)
+        return self.trainer.step(rows, refill=refill if pool else None, next_rows=next_rows)
 
     def rl_evaluate(self, rows: list[dict], max_new_tokens: int, answer_mode: str) -> dict[str, float]:
         """Greedy accuracy of the current policy on held-out ``rows`` (through the rollout engines, which hold

@@ -67,27 +67,31 @@ def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
     policy.call("start_rl", g, rollouts, reward, reference, p.recipe.ray.weight_transport)
     state_dir = str(p.run_dir / "state" / phase)
     sampler = PromptSampler(len(rows), g.seed)
-    start = 0
+    start, upcoming = 0, None  # async: the next step's prompt indices, already being sampled
     if p.recipe.resume:
         resumed = policy.call("load_rl_state", state_dir)
         if resumed is not None:
             start, extra = resumed
             sampler.load(extra["sampler"])
+            upcoming = extra.get("upcoming")
         p.logger.truncate_after(phase, start)
     refill = g.prompts_per_step * g.max_refill_rounds if g.dynamic_sampling else 0
     eval_rows = rows_of(p.recipe.eval.data) if cfg.eval_every else []
     bar = tqdm(range(start, cfg.steps), desc=phase, initial=start, total=cfg.steps, dynamic_ncols=True)
     for step in bar:
-        batch = [rows[i] for i in sampler.take(g.prompts_per_step)]
+        # the prompts come in the sampler's order either way: async takes the next step's one step early
+        taken = upcoming if upcoming is not None else sampler.take(g.prompts_per_step)
+        batch = [rows[i] for i in taken]
         pool = [rows[i] for i in sampler.take(refill)] if refill else None
-        metrics = policy.call("rl_step", batch, pool)
+        upcoming = sampler.take(g.prompts_per_step) if g.async_rollouts and step + 1 < cfg.steps else None
+        metrics = policy.call("rl_step", batch, pool, [rows[i] for i in upcoming] if upcoming else None)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             metrics.update(policy.call_main("rl_evaluate", eval_rows, p.recipe.eval.max_new_tokens,
                                             p.recipe.eval.answer_mode))
         p.logger.log(phase, step + 1, metrics)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}")
         if (step + 1) % p.recipe.checkpoint_every == 0 or step + 1 == cfg.steps:
-            policy.call("save_rl_state", state_dir, step + 1, {"sampler": sampler.state()})
+            policy.call("save_rl_state", state_dir, step + 1, {"sampler": sampler.state(), "upcoming": upcoming})
     policy.call("save_pretrained", str(p.ckpt(phase)))
     for worker in (reward, reference):
         if worker is not None:

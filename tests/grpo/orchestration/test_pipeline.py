@@ -52,24 +52,38 @@ def test_every_bundled_recipe_parses():
 KILL_STEPS = 24
 
 
+ASYNC = ["rl_reason.grpo.async_rollouts=true"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The micro recipe run through once on one trainer rank."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run_grpo("run", str(micro_recipe(out, KILL_STEPS)), timeout=600)
-    return out / "micro"
+    """The micro recipe run through once on one trainer rank (sync or async rollouts), on first use."""
+    runs = {}
+
+    def run(asynchronous: bool) -> Path:
+        if asynchronous not in runs:
+            out = tmp_path_factory.mktemp("uninterrupted")
+            run_grpo("run", str(micro_recipe(out, KILL_STEPS)), *(ASYNC if asynchronous else []), timeout=600)
+            runs[asynchronous] = out / "micro"
+        return runs[asynchronous]
+
+    return run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks, resumed_ranks", [(1, 1), (2, 2), (2, 1)])
-def test_kill_mid_phase_then_resume_matches_uninterrupted(tmp_path, uninterrupted, ranks, resumed_ranks):
+@pytest.mark.parametrize("ranks, resumed_ranks, asynchronous", [(1, 1, False), (2, 2, False), (2, 1, False),
+                                                                (1, 1, True)])
+def test_kill_mid_phase_then_resume_matches_uninterrupted(tmp_path, uninterrupted, ranks, resumed_ranks,
+                                                          asynchronous):
     # A micro step takes ~0.1 s, so the phase runs many steps and the kill lands on whatever step is in flight
     # once a step-2 (or later) checkpoint exists. N trainer ranks compute one rank's update, and a checkpoint
-    # written by N ranks resumes on any number of them.
+    # written by N ranks resumes on any number of them. With async rollouts the batch sampled ahead is part of
+    # the checkpoint, so the resumed run trains on the same prompts and completions.
+    extra = ASYNC if asynchronous else []
     killed = micro_recipe(tmp_path / "b", KILL_STEPS)
     log = (tmp_path / "killed.log").open("w")  # the killed run's output, shown if it ends before the kill
-    proc = subprocess.Popen(grpo_cmd("run", str(killed), f"ray.num_train_workers={ranks}"), env=child_env(),
-                            cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(grpo_cmd("run", str(killed), f"ray.num_train_workers={ranks}", *extra),
+                            env=child_env(), cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     state = tmp_path / "b" / "micro" / "state" / "rl_reason"
 
     def saved_step() -> int:
@@ -89,14 +103,16 @@ def test_kill_mid_phase_then_resume_matches_uninterrupted(tmp_path, uninterrupte
     shards = sorted(p.name for p in (state / (state / "latest").read_text().strip() / "shards").glob("*.distcp"))
     assert len(shards) == ranks, shards  # every rank wrote its own shards
 
-    run_grpo("run", str(killed), "resume=true", f"ray.num_train_workers={resumed_ranks}", timeout=600)
-    a, b = rl_metrics(uninterrupted), rl_metrics(tmp_path / "b" / "micro")
+    run_grpo("run", str(killed), "resume=true", f"ray.num_train_workers={resumed_ranks}", *extra, timeout=600)
+    full = uninterrupted(asynchronous)
+    a, b = rl_metrics(full), rl_metrics(tmp_path / "b" / "micro")
+    assert all(r["async/staleness"] == (1.0 if asynchronous and r["step"] > 1 else 0.0) for r in b)
     assert [r["step"] for r in b] == list(range(1, KILL_STEPS + 1))
     for ra, rb in zip(a, b):
         for key, value in ra.items():
             if isinstance(value, float):
                 assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (ra["step"], key)
-    wa = load_file(str(uninterrupted / "checkpoints" / "rl_reason" / "model.safetensors"))
+    wa = load_file(str(full / "checkpoints" / "rl_reason" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "micro" / "checkpoints" / "rl_reason" / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for name in wa:

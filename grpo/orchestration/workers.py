@@ -139,6 +139,10 @@ class RolloutGroup(RolloutEngine):
         return self._ray.get(self.workers[0].can_return_logprobs.remote(sampling))
 
     @property
+    def can_record_routing(self) -> bool:
+        return all(self._ray.get([w.can_record_routing.remote() for w in self.workers]))
+
+    @property
     def logprobs_match_trainer(self) -> bool:
         return all(self._ray.get([w.logprobs_match_trainer.remote() for w in self.workers]))
 
@@ -261,6 +265,9 @@ class RolloutWorker:
 
     def can_return_logprobs(self, sampling: SamplingConfig) -> bool:
         return self.engine.can_return_logprobs(sampling)
+
+    def can_record_routing(self) -> bool:
+        return self.engine.can_record_routing
 
     def engine_class(self) -> str:
         return type(self.engine).__name__
@@ -494,11 +501,10 @@ class PolicyGroup:
 
     Args:
         actors: The ranks' actor handles, rank 0 first.
-        placement: The placement group holding them (``None`` for one rank).
     """
 
-    def __init__(self, actors: Sequence[Any], placement: Any = None) -> None:
-        self.actors, self.placement = list(actors), placement
+    def __init__(self, actors: Sequence[Any]) -> None:
+        self.actors = list(actors)
 
     @classmethod
     def start(cls, n: int, checkpoint: str, *, cpus: float, gpus: float = 0, spread: bool = False,
@@ -531,7 +537,7 @@ class PolicyGroup:
                 checkpoint, rank=rank, world_size=n, **worker_kwargs) for rank in range(n)]
         host, port = ray.get(actors[0].rendezvous.remote())
         ray.get([actor.join.remote(host, port) for actor in actors])
-        return cls(actors, group)
+        return cls(actors)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Runs ``method`` on every rank (arguments sent once through the object store); rank 0's result."""
@@ -555,16 +561,6 @@ class PolicyGroup:
     def node_ids(self) -> list[str]:
         """The node of every rank, in rank order."""
         return self.call_each("node_id")
-
-    def stop(self) -> None:
-        """Kills the ranks and frees their placement group."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        for actor in self.actors:
-            ray.kill(actor)
-        if self.placement is not None:
-            remove_placement_group(self.placement)
 
 
 def remote(cls: type, **options: Any) -> Any:

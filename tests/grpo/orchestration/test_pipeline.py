@@ -132,7 +132,8 @@ def test_rollout_workers_and_trainer_ranks_spread_over_two_nodes(tmp_path):
         path = micro_recipe(tmp_path, steps=1, ray={"address": cluster.address, "num_rollout_workers": 2,
                                                     "num_train_workers": 2, "train_placement": "spread",
                                                     "weight_transport": "collective"})
-        recipe = load_recipe(str(path), ["phases=[rl_reason]"])
+        # router replay through Ray's rollout workers and two sharded ranks
+        recipe = load_recipe(str(path), ["phases=[rl_reason]", "rl_reason.grpo.router_replay=true"])
         ray.init(address=cluster.address)
         pipeline = Pipeline(recipe)
         pipeline.run()

@@ -23,34 +23,16 @@ import os
 import socket
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_offload import _PeakRSS, _rss_bytes  # the same resident-memory sampler (benchmarks/ is on sys.path)
 
 PARTS = ("generate", "score", "logprobs", "update", "sync", "sync_check")
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-class _PeakRSS(threading.Thread):
-    """Samples the process's resident memory every few milliseconds."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak, self.running = _rss(), True
-
-    def run(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.003)
 
 
 def _length_reward(prompts: list, completions: list, **_: object) -> list[float]:
@@ -58,23 +40,14 @@ def _length_reward(prompts: list, completions: list, **_: object) -> list[float]
     return [1.0 / (1.0 + len(c)) for c in completions]
 
 
-def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+def _train(args: argparse.Namespace, dp: Any, device: str) -> tuple[list[dict], int]:
+    """The timed GRPO steps on this rank; every timed step's parts, and the policy's parameter count."""
     from grpo.config import GRPOConfig
     from grpo.trainer import GRPOTrainer
     from model import DeepSeekConfig, DeepSeekForCausalLM, build_tokenizer
-    from model.distributed import DataParallel, shard_model
+    from model.distributed import shard_model
     from rollout.torch_engine import TorchEngine
 
-    torch.set_num_threads(max(1, args.threads // world))
-    device = args.device
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    baseline = _rss()
-    monitor = _PeakRSS()
-    monitor.start()
-    dp = DataParallel.current()
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     config = DeepSeekConfig.from_preset("tiny", vocab_size=len(tokenizer), hidden_size=args.hidden,
@@ -101,11 +74,24 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         if k >= args.warmup:
             steps.append({"total": time.perf_counter() - start,
                           **{p: metrics.get(f"time/{p}", 0.0) for p in PARTS}})
-    monitor.running = False
-    monitor.join()
+    return steps, sum(p.numel() for p in ref.parameters())
+
+
+def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    from model.distributed import DataParallel
+
+    torch.set_num_threads(max(1, args.threads // world))
+    device = args.device
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    baseline = _rss_bytes()
+    with _PeakRSS() as monitor:
+        steps, params = _train(args, DataParallel.current(), device)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else monitor.peak
     result = {"rank": rank, "steps": steps, "peak": peak, "added": peak - (0 if device == "cuda" else baseline),
-              "params": sum(p.numel() for p in ref.parameters())}
+              "params": params}
     torch.save(result, f"{out}.rank{rank}")
     dist.destroy_process_group()
 

@@ -45,9 +45,7 @@ from model.distributed import (
 )
 from model.routing import replayed_routing
 from rollout.base import PendingRollouts, Rollout, RolloutEngine, SamplingConfig
-from rollout.weights import (
-    named_weights,
-)
+from rollout.weights import named_weights
 from sft.formatting import encode_prompt
 
 log = logging.getLogger(__name__)

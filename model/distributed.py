@@ -191,24 +191,6 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-@contextlib.contextmanager
-def gathered(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, a sharded ``model``'s parameters are whole plain tensors on every rank (a collective:
-    every rank enters). Run no forward inside. Identity for an unsharded model. It holds the whole model on
-    every rank: to stream a sharded model's tensors one at a time use :func:`whole` / :func:`whole_state`."""
-    if not is_sharded(model):
-        yield model
-        return
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-    try:
-        yield model
-    finally:
-        for unit in units:
-            unit.reshard()
-
-
 def reshard(model: nn.Module) -> None:
     """Frees a sharded model's gathered parameters (every FSDP unit back to its shards). FSDP keeps the root
     unit gathered after a forward, for the backward it expects; after a forward without gradients call this,
@@ -235,9 +217,9 @@ def no_grad_forwards(model: nn.Module) -> Iterator[None]:
 
 
 def live_state(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
-    """``model.state_dict(keep_vars=...)``'s names and order over the tensors the modules hold now: inside
-    :func:`gathered`, a sharded model's whole weights (its ``state_dict()`` always gives the shards). A shared
-    parameter appears under each of its names (the same object with ``keep_vars``)."""
+    """``model.state_dict(keep_vars=...)``'s names and order over the tensors the modules hold now: a sharded
+    model's shards (each gathered whole by :func:`whole`), or whole tensors while its units are unsharded. A
+    shared parameter appears under each of its names (the same object with ``keep_vars``)."""
     out: dict[str, torch.Tensor] = {}
     for prefix, module in model.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
@@ -250,7 +232,7 @@ def live_state(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Ten
 
 
 def state_of(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
-    """``model.state_dict()``, or :func:`live_state` for a sharded model (whole inside :func:`gathered`)."""
+    """``model.state_dict()``, or :func:`live_state` for a sharded model."""
     return live_state(model, keep_vars) if is_sharded(model) else model.state_dict(keep_vars=keep_vars)
 
 

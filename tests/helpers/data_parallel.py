@@ -7,15 +7,18 @@ MoE model (balance loss and bias update on), and SFT steps; it returns rank 0's 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from grpo.config import GRPOConfig
@@ -23,7 +26,7 @@ from grpo.data import tasks
 from grpo.orchestration.checkpointing import StepCheckpoints
 from grpo.trainer import GRPOTrainer
 from model import DeepSeekConfig, DeepSeekForCausalLM
-from model.distributed import DataParallel, gathered, shard_model
+from model.distributed import DataParallel, reshard, shard_model
 from rewards.rm_train import RewardModelTrainConfig, train_reward_model_from_checkpoint
 from rollout.offload import Offloader
 from rollout.torch_engine import TorchEngine
@@ -53,6 +56,19 @@ def _policy(kind: str, tokenizer: Any) -> torch.nn.Module:
                                      intermediate_size=64, num_hidden_layers=2, eos_token_id=1, bos_token_id=2,
                                      pad_token_id=0)
     return DeepSeekForCausalLM(cfg).train()
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, a sharded ``model``'s parameters (and buffers) are whole plain tensors on every rank
+    (a collective); identity for an unsharded model."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        reshard(model)
 
 
 def _whole_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -57,15 +57,18 @@ def _tensor_slots(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     return slots
 
 
+def _slot(owner: Any, attr: str) -> torch.Tensor:
+    return owner[attr] if isinstance(owner, dict) else getattr(owner, attr)
+
+
 def _get(owner: Any, attr: str) -> torch.Tensor:
-    value = owner[attr] if isinstance(owner, dict) else getattr(owner, attr)
+    value = _slot(owner, attr)
     return value._local_tensor if isinstance(value, DTensor) else value
 
 
 def _in_place(owner: Any, attr: str) -> bool:
     """Whether the slot holds a shard (``DTensor``): released and refilled in place, never rebound."""
-    value = owner[attr] if isinstance(owner, dict) else getattr(owner, attr)
-    return isinstance(value, DTensor)
+    return isinstance(_slot(owner, attr), DTensor)
 
 
 def _set(owner: Any, attr: str, value: torch.Tensor) -> None:

@@ -65,7 +65,7 @@ def pass_at_8(run: Path, phase: str, temperature: float, answer_mode: str, data:
     if not (folder / "config.json").exists():
         return None
     rows = [dict(r) for r in load_data(data)]
-    config = EvalConfig(n=8, k=(8,), temperature=temperature, max_tokens=72, answer_mode=answer_mode,
+    config = EvalConfig(n=8, k=(8,), temperature=temperature, max_new_tokens=72, answer_mode=answer_mode,
                         progress=False, seed=0)
     return evaluate_checkpoint(str(folder), None, rows, config, rewards={}).pass_at_k[8]
 

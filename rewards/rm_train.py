@@ -16,7 +16,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +160,8 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Any, pairs: Iterable[Mappin
 def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable[Mapping[str, Any]],
                        config: RewardModelTrainConfig | None = None,
                        eval_pairs: Iterable[Mapping[str, Any]] | None = None,
-                       dp: DataParallel = SINGLE) -> RewardModelTrainResult:
+                       dp: DataParallel = SINGLE,
+                       on_step: Callable[[int, int, float], None] | None = None) -> RewardModelTrainResult:
     """Trains ``model`` in place with the Bradley-Terry loss and AdamW.
 
     Args:
@@ -170,6 +171,7 @@ def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable
         config: Hyper-parameters.
         eval_pairs: Held-out pairs for pairwise accuracy before and after training.
         dp: The trainer ranks (every rank passes the same pairs and takes its share of each batch).
+        on_step: Called after every step with ``(step, total_steps, loss)`` (1-based step).
 
     Returns:
         Per-step losses, steps, time and held-out accuracy.
@@ -194,7 +196,8 @@ def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable
     model.train()
     start = time.perf_counter()
     progress = config.progress and dp.is_main
-    with tqdm(total=config.epochs * steps_per_epoch, desc="reward model", disable=not progress) as bar:
+    total = config.epochs * steps_per_epoch
+    with tqdm(total=total, desc="reward model", disable=not progress) as bar:
         for _ in range(config.epochs):
             order = list(range(len(rows)))
             rng.shuffle(order)
@@ -213,6 +216,8 @@ def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable
                 losses.append(dp.sum_floats({"loss": float(loss.detach())})["loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if on_step is not None:
+                    on_step(len(losses), total, losses[-1])
     seconds = time.perf_counter() - start
     after = accuracy()
     return RewardModelTrainResult(losses=losses, steps=len(losses), seconds=seconds, eval_accuracy=after,
@@ -223,7 +228,9 @@ def train_reward_model_from_checkpoint(init_path: str | Path, output_path: str |
                                        train_pairs: Iterable[Mapping[str, Any]],
                                        config: RewardModelTrainConfig | None = None,
                                        eval_pairs: Iterable[Mapping[str, Any]] | None = None,
-                                       loader: str = "auto", dp: DataParallel = SINGLE) -> RewardModelTrainResult:
+                                       loader: str = "auto", dp: DataParallel = SINGLE,
+                                       on_step: Callable[[int, int, float], None] | None = None
+                                       ) -> RewardModelTrainResult:
     """Initialises a reward model from a causal-LM checkpoint, trains it, saves it (with the tokenizer).
 
     On N ranks (``dp``) every rank calls it: the model is sharded over them, and rank 0 gathers the trained
@@ -234,7 +241,7 @@ def train_reward_model_from_checkpoint(init_path: str | Path, output_path: str |
     model = RewardModel.from_causal_lm(init_path, loader=loader, seed=config.seed)
     if dp.enabled:
         shard_model(model.to(config.device), dp)
-    result = train_reward_model(model, tokenizer, train_pairs, config, eval_pairs, dp)
+    result = train_reward_model(model, tokenizer, train_pairs, config, eval_pairs, dp, on_step)
     if dp.enabled:
         state = whole_state(model, keep=dp.is_main)
         if dp.is_main:

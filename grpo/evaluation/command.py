@@ -25,11 +25,19 @@ from grpo.phases import reward_model_name
 from rewards import RewardError
 from rewards.answers import ANSWER_MODES
 
+EXAMPLES = """examples:
+  grpo eval runs/tiny/checkpoints/sft runs/tiny/checkpoints/rl_reason --data builtin:arithmetic --n 8 --k 1,4,8
+  grpo eval /models/my-model --data data/test.jsonl --answer-mode lenient --max-new-tokens 512
+  grpo eval runs/tiny/checkpoints/rl_pref --data prompts.jsonl --no-accuracy \\
+      --reward-model runs/tiny/checkpoints/rm_helpful
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``grpo eval`` argument parser."""
     p = argparse.ArgumentParser(prog="grpo eval", description="Evaluate checkpoints: greedy accuracy, pass@k, maj@k, "
-                                "reward scores, format rate, completion lengths; writes JSON, markdown and charts.")
+                                "reward scores, format rate, completion lengths; writes JSON, markdown and charts.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint folders (config.json + tokenizer)")
     p.add_argument("--data", required=True, help="a .jsonl/.json/.csv/.parquet file, a save_to_disk folder or "
                    "builtin:NAME")
@@ -47,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_int_list, default=EvalConfig.k, help="comma-separated k values (default 1,4)")
     p.add_argument("--temperature", type=float, default=EvalConfig.temperature)
     p.add_argument("--top-p", type=float, default=EvalConfig.top_p)
-    p.add_argument("--max-tokens", type=int, default=EvalConfig.max_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens,
+                   help=f"most new tokens per completion, as max_new_tokens in recipes (default "
+                        f"{EvalConfig.max_new_tokens})")
+    p.add_argument("--max-tokens", action=_Renamed, new="--max-new-tokens", help=argparse.SUPPRESS)
     p.add_argument("--reward", nargs="+", default=[], metavar="NAME", help="rule rewards by name or pkg.mod:func")
     p.add_argument("--reward-model", nargs="+", default=[], metavar="PATH", help="reward-model folders")
     p.add_argument("--engine", default=EvalConfig.engine, help="rollout engine: torch or vllm")
@@ -57,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/eval-<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: using it is an error that names the new one."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} was renamed {self.new} (the name recipes use, max_new_tokens)")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -70,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit must be an integer >= 1, got {args.limit}")
     config = EvalConfig(n=args.n, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                        max_tokens=args.max_tokens, rewards=tuple(args.reward), reward_models=tuple(args.reward_model),
+                        max_new_tokens=args.max_new_tokens, rewards=tuple(args.reward),
+                        reward_models=tuple(args.reward_model),
                         accuracy=not args.no_accuracy, answer_mode=args.answer_mode, batch_size=args.batch_size,
                         seed=args.seed, engine=args.engine,
                         device=args.device, progress=not args.no_progress)

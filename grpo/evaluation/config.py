@@ -23,7 +23,7 @@ class EvalConfig:
         k: Subset sizes of pass@k and maj@k, each in ``[1, n]``.
         temperature: Sampling temperature of the ``n`` samples.
         top_p: Nucleus mass of the ``n`` samples.
-        max_tokens: Most new tokens per completion (greedy and sampled).
+        max_new_tokens: Most new tokens per completion (greedy and sampled).
         rewards: Rule-based rewards by registry name or dotted path (``pkg.module:func``), averaged over the
             greedy completions.
         reward_models: Reward-model checkpoint folders, averaged over the greedy completions and used for win
@@ -45,7 +45,7 @@ class EvalConfig:
     k: tuple[int, ...] = (1, 4)
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int = 256
+    max_new_tokens: int = 256
     rewards: tuple[str, ...] = ()
     reward_models: tuple[str, ...] = ()
     accuracy: bool = True
@@ -64,7 +64,7 @@ class EvalConfig:
             ("n", _is_int(self.n) and self.n >= 0, "an integer >= 0 (0: greedy only)"),
             ("temperature", self.temperature > 0, "a float > 0 (the greedy pass always runs separately)"),
             ("top_p", 0 < self.top_p <= 1, "a float in (0, 1]"),
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
             ("batch_size", _is_int(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
             ("k", self.n == 0 or (len(self.k) > 0 and all(_is_int(k) and 1 <= k <= self.n for k in self.k)),
              f"a non-empty list of integers in [1, n={self.n}] (raise n or lower k)"),

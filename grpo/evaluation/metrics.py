@@ -199,7 +199,7 @@ class LengthStats:
         p50: Median length.
         p90: 90th percentile.
         max: Longest completion.
-        truncated: Share of completions cut at ``max_tokens`` (finish reason ``length``).
+        truncated: Share of completions cut at ``max_new_tokens`` (finish reason ``length``).
     """
 
     count: int

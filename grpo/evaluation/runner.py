@@ -54,7 +54,7 @@ class PromptResult:
         answer: The reference answer (``None`` without answers).
         greedy: The greedy completion's text.
         greedy_tokens: Its length in tokens.
-        greedy_truncated: Whether it hit ``max_tokens``.
+        greedy_truncated: Whether it hit ``max_new_tokens``.
         scores: Score of the greedy completion under each reward (``accuracy``, ``format``, named rewards and
             reward models).
         samples_correct: Correct samples among the ``n`` (``None`` without samples or answers).
@@ -199,7 +199,7 @@ def _sample_metrics(engine: Any, prompt_ids: list[list[int]], rows: list[dict[st
                     label: str) -> _Samples:
     accuracy = AccuracyReward(config.answer_mode)
     n = config.n
-    sampling = SamplingConfig(n=n, max_tokens=config.max_tokens, temperature=config.temperature,
+    sampling = SamplingConfig(n=n, max_tokens=config.max_new_tokens, temperature=config.temperature,
                               top_p=config.top_p, logprobs=False)
     rollouts = _generate(engine, prompt_ids, sampling, config, f"{label} samples")
     length = length_stats([len(r.completion_ids) for r in rollouts], [r.finish_reason == "length" for r in rollouts])
@@ -266,7 +266,7 @@ def _evaluate(engine: Any, tokenizer: Any, label: str, rows: list[dict[str, Any]
     prompts = [row["prompt"] for row in rows]
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
 
-    greedy_cfg = SamplingConfig(n=1, max_tokens=config.max_tokens, temperature=0.0, logprobs=False)
+    greedy_cfg = SamplingConfig(n=1, max_tokens=config.max_new_tokens, temperature=0.0, logprobs=False)
     greedy = _generate(engine, prompt_ids, greedy_cfg, config, f"{label} greedy")
     builtin = {"accuracy": accuracy, "format": format_reward} if config.accuracy else {"format": format_reward}
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key not in _RESERVED_COLUMNS}

@@ -26,6 +26,7 @@ import yaml
 
 from grpo.orchestration import phases  # noqa: F401 - every phase registers its runner
 from grpo.orchestration.checkpointing import Progress
+from grpo.orchestration.console import LOG_DIR_ENV, Console, RunOutput
 from grpo.orchestration.phases.registry import PHASE_RUNNERS
 from grpo.orchestration.plan import plan
 from grpo.orchestration.recipe import Recipe, to_dict
@@ -46,8 +47,14 @@ from rollout.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-def init_ray(recipe: Recipe) -> tuple[bool, Path | None]:
+def init_ray(recipe: Recipe, log_dir: Path | None = None) -> tuple[bool, Path | None]:
     """Starts the embedded local Ray instance, or joins ``ray.address``.
+
+    Args:
+        recipe: The run's recipe (its ``ray`` section).
+        log_dir: The run's log folder: the workers write their output there (see
+            :mod:`grpo.orchestration.console`) and Ray forwards none of it to the driver. ``None``: Ray forwards
+            the workers' output as it comes (``--verbose``).
 
     Returns:
         ``(started, scratch)``: whether we started a local instance, and the temporary folder it uses when the
@@ -58,6 +65,8 @@ def init_ray(recipe: Recipe) -> tuple[bool, Path | None]:
     if ray.is_initialized():
         return False, None
     cfg = recipe.ray
+    quiet = {"log_to_driver": False, "runtime_env": {"env_vars": {LOG_DIR_ENV: str(log_dir.resolve())}}} \
+        if log_dir is not None else {}
     if cfg.address is None:
         os.environ.pop("RAY_ADDRESS", None)  # never attach to a stray cluster by accident
         temp = (recipe.run_dir / "ray").resolve()
@@ -67,9 +76,9 @@ def init_ray(recipe: Recipe) -> tuple[bool, Path | None]:
         if len(str(temp)) > 40:
             temp = scratch = Path(tempfile.mkdtemp(prefix="grpo-ray-"))
         ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False,
-                 _temp_dir=str(temp), logging_level=logging.WARNING, configure_logging=True)
+                 _temp_dir=str(temp), logging_level=logging.WARNING, configure_logging=True, **quiet)
         return True, scratch
-    ray.init(address=cfg.address, logging_level=logging.WARNING)
+    ray.init(address=cfg.address, logging_level=logging.WARNING, **quiet)
     return False, None
 
 
@@ -78,9 +87,11 @@ class Pipeline:
 
     Args:
         recipe: The validated recipe.
+        verbose: Show the workers' and libraries' output on the terminal as it comes, instead of sending it to
+            the run's ``logs/`` folder (see :mod:`grpo.orchestration.console`).
     """
 
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe, verbose: bool = False) -> None:
         self.recipe = recipe
         self.run_dir = recipe.run_dir
         if self.run_dir.exists() and (self.run_dir / "progress.json").exists() and not recipe.resume:
@@ -89,11 +100,17 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = Progress(self.run_dir)
         self.logger = MetricsLogger(self.run_dir)
+        self.output = RunOutput(self.run_dir, verbose)
         self.threads = recipe.ray.threads_per_worker or os.cpu_count()
         self.policy: Any = None
         self.rollouts: list[Any] = []
         self.rollout_engine: str | None = None
         self.offloaded = False
+
+    @property
+    def console(self) -> Console:
+        """The terminal: ``[grpo]`` lines and the phases' progress displays."""
+        return self.output.console
 
     # -- paths ------------------------------------------------------------------------------------------------
     def ckpt(self, name: str) -> Path:
@@ -110,7 +127,15 @@ class Pipeline:
     def run(self) -> Path:
         """Runs every phase of the recipe (skipping completed ones on resume); returns the run folder."""
         atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(to_dict(self.recipe), sort_keys=False))
-        started, scratch = init_ray(self.recipe)
+        with self.output:
+            self._run()
+        return self.run_dir
+
+    def _run(self) -> None:
+        if not self.output.verbose:
+            self.console.print(f"run {self.run_dir} (workers' output and library messages: "
+                               f"{self.output.folder}/; --verbose shows them here)")
+        started, scratch = init_ray(self.recipe, None if self.output.verbose else self.output.folder)
         try:
             self._base_checkpoint()
             self._preflight()
@@ -118,7 +143,7 @@ class Pipeline:
                 if self.progress.done(phase) and phase != EVAL:
                     log.warning("phase %s already complete: skipped", phase)
                     continue
-                print(f"[grpo] phase {phase}", flush=True)
+                self.console.print(f"phase {phase}")
                 PHASE_RUNNERS.get(phase)(self)
         finally:
             self.logger.close()
@@ -130,7 +155,6 @@ class Pipeline:
                 shutil.rmtree(scratch, ignore_errors=True)
             # Offloaded tensors only live while their actors do; resuming uses the step checkpoints.
             shutil.rmtree(self.run_dir / "offload", ignore_errors=True)
-        return self.run_dir
 
     def _base_checkpoint(self) -> None:
         """Builds the starting policy: the recipe's checkpoint folder, or a fresh model from a preset."""
@@ -241,7 +265,7 @@ class Pipeline:
         if self.policy is not None and not self.offloaded and self.recipe.offload != "none":
             moved = sum(self.policy.call_each("offload", self.recipe.offload, str(self.run_dir / "offload")))
             self.offloaded = True
-            print(f"[grpo] offloaded the idle policy ({moved / 2**20:.1f} MiB)", flush=True)
+            self.console.print(f"offloaded the idle policy ({moved / 2**20:.1f} MiB)")
         if self.rollouts:
             ray.get([w.sleep.remote() for w in self.rollouts])
 

@@ -28,8 +28,9 @@ from torch import Tensor
 
 from grpo.config import GRPOConfig
 from grpo.logprobs import sequence_logprobs
-from grpo.orchestration import transport
+from grpo.orchestration import feed, transport
 from grpo.orchestration.checkpointing import StepCheckpoints, atomic_dir
+from grpo.orchestration.console import capture_worker_output
 from grpo.orchestration.transport import WEIGHT_TRANSPORTS
 from grpo.trainer import GRPOTrainer, encode_prompt
 from model.distributed import SINGLE, DataParallel, is_sharded, shard_model, whole_state
@@ -47,6 +48,12 @@ from rollout.weights import check_names, expected_names, named_weights
 from sft.trainer import SFTTrainer
 
 log = logging.getLogger(__name__)
+
+
+def _start_role(role: str, threads: int | None) -> None:
+    """What every role does first in its process: its output to the run's log folder, its thread count."""
+    capture_worker_output(role)
+    _set_threads(threads)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -230,7 +237,7 @@ class RolloutWorker:
 
     def __init__(self, checkpoint: str, engine: str = "torch", threads: int | None = None,
                  dtype: str = "float32", device: str = "cpu") -> None:
-        _set_threads(threads)
+        _start_role("RolloutWorker", threads)
         tokenizer = load_tokenizer(checkpoint)
         self.engine_name = engine
         self.engine = ENGINE_BUILDERS.get(engine if engine in ENGINE_BUILDERS else "*")(
@@ -289,7 +296,7 @@ class ReferenceWorker:
 
     def __init__(self, checkpoint: str, threads: int | None = None, dtype: str = "float32",
                  device: str = "cpu") -> None:
-        _set_threads(threads)
+        _start_role("ReferenceWorker", threads)
         self.model = load_policy(checkpoint, dtype, device).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -315,7 +322,7 @@ class RewardWorker:
 
     def __init__(self, specs: Sequence[Any], mode: str = "sum", threads: int | None = None,
                  process: bool = False) -> None:
-        _set_threads(threads)
+        _start_role("RewardWorker", threads)
         if process:
             if len(specs) != 1:
                 raise ValueError(f"process supervision takes one process reward, got {len(specs)}")
@@ -342,7 +349,7 @@ class PolicyWorker:
     def __init__(self, checkpoint: str, threads: int | None = None, dtype: str = "float32", device: str = "cpu",
                  gradient_checkpointing: bool = False, rank: int = 0, world_size: int = 1,
                  master_dtype: str | None = None) -> None:
-        _set_threads(threads)
+        _start_role(f"PolicyWorker-rank{rank}", threads)
         self.tokenizer = load_tokenizer(checkpoint)
         self.dtype, self.master_dtype = dtype, master_dtype or dtype
         self.policy = load_policy(checkpoint, self.master_dtype, device)  # the trainer's own (master) copy
@@ -374,18 +381,25 @@ class PolicyWorker:
         shard_model(self.policy, self.dp, param_dtype=compute)
 
     # -- SFT --------------------------------------------------------------------------------------------------
-    def sft(self, rows: list[dict], config: Any, state_dir: str, save_every: int, resume: bool
-            ) -> list[dict[str, float]]:
-        """Runs the SFT phase, checkpointing every ``save_every`` steps; returns the logged metrics."""
+    def sft(self, rows: list[dict], config: Any, state_dir: str, save_every: int, resume: bool,
+            queue: Any | None = None) -> list[dict[str, float]]:
+        """Runs the SFT phase, checkpointing every ``save_every`` steps; returns the logged metrics, each also
+        put into ``queue`` (a :class:`grpo.orchestration.feed.Feed`'s) with the phase's ``total`` steps as it is
+        logged."""
         history: list[dict[str, float]] = []
         checkpoints = StepCheckpoints(state_dir)
+
+        def logged(metrics: Any) -> None:
+            history.append(asdict(metrics))
+            if self.dp.is_main:
+                feed.put(queue, {**history[-1], "total": trainer.total_steps})
 
         def save(trainer: SFTTrainer) -> None:
             checkpoints.save_trainer(trainer.step, trainer.model, trainer.optimizer,
                                      trainer.state_dict(weights=False), self.dp)
 
         trainer = SFTTrainer(self.policy, self.tokenizer, rows, config, save_fn=save, save_every=save_every,
-                             log_fn=lambda m: history.append(asdict(m)), dp=self.dp)
+                             log_fn=logged, dp=self.dp)
         latest = checkpoints.load_trainer(trainer.model, trainer.optimizer, self.dp) if resume else None
         if latest is not None:
             trainer.load_state_dict(latest[1])
@@ -394,10 +408,15 @@ class PolicyWorker:
 
     # -- reward models -----------------------------------------------------------------------------------------
     def train_reward_model(self, init: str, out: str, train: list[dict], evals: list[dict] | None,
-                           config: Any) -> dict[str, Any]:
+                           config: Any, queue: Any | None = None) -> dict[str, Any]:
         """Trains one reward model from ``init`` on these ranks (sharded over them; the idle policy stays
-        offloaded) and saves it to ``out``; returns the training result."""
-        result = train_reward_model_from_checkpoint(init, out, train, config, evals, dp=self.dp)
+        offloaded) and saves it to ``out``; returns the training result. Each step's ``{"step", "total",
+        "loss"}`` goes into ``queue`` when given."""
+        def on_step(step: int, total: int, loss: float) -> None:
+            if self.dp.is_main:
+                feed.put(queue, {"step": step, "total": total, "loss": loss})
+
+        result = train_reward_model_from_checkpoint(init, out, train, config, evals, dp=self.dp, on_step=on_step)
         return dataclasses.asdict(result)
 
     # -- RL ---------------------------------------------------------------------------------------------------
@@ -547,10 +566,16 @@ class PolicyGroup:
         """Runs ``method`` on every rank; every rank's result, in rank order."""
         import ray
 
+        return ray.get(self.submit(method, *args, **kwargs))
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Starts ``method`` on every rank; the results' object refs, in rank order."""
+        import ray
+
         if len(self.actors) > 1:
             args = tuple(ray.put(a) for a in args)
             kwargs = {k: ray.put(v) for k, v in kwargs.items()}
-        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
 
     def call_main(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Runs ``method`` on rank 0 only."""

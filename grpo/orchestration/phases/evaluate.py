@@ -85,20 +85,19 @@ def evaluate_run(p: Pipeline) -> dict[str, PhaseEval]:
     """Evaluates the run's checkpoints and writes ``report.md``/``report.json`` with the plots; returns them."""
     cfg = p.recipe.eval
     rows = rows_of(cfg.data)
-    config = EvalConfig(n=0, max_tokens=cfg.max_new_tokens, accuracy=True, answer_mode=cfg.answer_mode,
-                        progress=True)
+    config = EvalConfig(n=0, max_new_tokens=cfg.max_new_tokens, accuracy=True, answer_mode=cfg.answer_mode,
+                        progress=False)
     preference = _preference_setup(p, config)
     evals: dict[str, PhaseEval] = {}
-    for phase in cfg.checkpoints:
-        if not (p.ckpt(phase) / "config.json").exists():
-            continue
+    present = [phase for phase in cfg.checkpoints if (p.ckpt(phase) / "config.json").exists()]
+    for phase in present:
         entry = evals[phase] = _evaluate_phase(p, phase, rows, config, preference)
         p.logger.log(EVAL, len(evals), {f"eval/{phase}/{k}": v for k, v in entry.rewards.items() if v is not None})
-        print(f"[grpo] eval {phase}: accuracy {entry.accuracy:.3f}, rewards "
-              + ", ".join(f"{k} {v:.3f}" for k, v in entry.rewards.items() if v is not None), flush=True)
+        others = [f"{k} {v:.3f}" for k, v in entry.rewards.items() if v is not None and k != "accuracy"]
+        p.console.print(f"eval {phase}: accuracy {entry.accuracy:.3f}" + (f"; {', '.join(others)}" if others else ""))
     md, _ = write_report(p.run_dir, evals, recipe=p.recipe)
     p.progress.complete(EVAL, {phase: e.to_json() for phase, e in evals.items()})
-    print(f"[grpo] report: {md}", flush=True)
+    p.console.print(f"report: {md}")
     return evals
 
 

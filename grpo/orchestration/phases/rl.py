@@ -7,8 +7,6 @@ import dataclasses
 import random
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from grpo.data.loading import rows_of
 from grpo.orchestration.phases.registry import PHASE_RUNNERS
 from grpo.orchestration.recipe import RLPhase
@@ -77,8 +75,8 @@ def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
         p.logger.truncate_after(phase, start)
     refill = g.prompts_per_step * g.max_refill_rounds if g.dynamic_sampling else 0
     eval_rows = rows_of(p.recipe.eval.data) if cfg.eval_every else []
-    bar = tqdm(range(start, cfg.steps), desc=phase, initial=start, total=cfg.steps, dynamic_ncols=True)
-    for step in bar:
+    display = p.console.phase(phase, "rl", cfg.steps, start)
+    for step in range(start, cfg.steps):
         # the prompts come in the sampler's order either way: async takes the next step's one step early
         taken = upcoming if upcoming is not None else sampler.take(g.prompts_per_step)
         batch = [rows[i] for i in taken]
@@ -89,9 +87,10 @@ def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
             metrics.update(policy.call_main("rl_evaluate", eval_rows, p.recipe.eval.max_new_tokens,
                                             p.recipe.eval.answer_mode))
         p.logger.log(phase, step + 1, metrics)
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}")
+        display.update(step + 1, metrics)
         if (step + 1) % p.recipe.checkpoint_every == 0 or step + 1 == cfg.steps:
             policy.call("save_rl_state", state_dir, step + 1, {"sampler": sampler.state(), "upcoming": upcoming})
+    display.close()
     policy.call("save_pretrained", str(p.ckpt(phase)))
     for worker in (reward, reference):
         if worker is not None:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from grpo.data.loading import rows_of
+from grpo.orchestration.feed import Feed
 from grpo.orchestration.phases.registry import PHASE_RUNNERS
 from grpo.phases import SFT
 
@@ -24,8 +25,18 @@ def run(p: Pipeline) -> None:
         latest = (state_dir / "latest")
         p.logger.truncate_after("sft", int(latest.read_text().split("_")[1]) if latest.exists() else 0)
     train = dataclasses.replace(cfg.train, seed=p.recipe.seed + cfg.train.seed)
-    history = policy.call("sft", rows, train, str(state_dir), p.recipe.checkpoint_every, p.recipe.resume)
-    for m in history:
-        p.logger.log("sft", int(m.pop("step")), m)
+    feed, display = Feed(), p.console.phase("sft", "sft")
+
+    def logged(record: dict) -> None:  # each logged step as the worker logs it: the log and the display
+        step, total = int(record.pop("step")), int(record.pop("total"))
+        p.logger.log("sft", step, record)
+        display.update(step, record, total)
+
+    try:
+        feed.wait(policy.submit("sft", rows, train, str(state_dir), p.recipe.checkpoint_every, p.recipe.resume,
+                                feed.queue), logged)
+    finally:
+        display.close()
+        feed.close()
     policy.call("save_pretrained", str(p.ckpt("sft")))
-    p.progress.complete("sft", {"steps": len(history)})
+    p.progress.complete("sft", {"steps": display.total})

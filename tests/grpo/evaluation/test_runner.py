@@ -117,7 +117,7 @@ def test_greedy_accuracy_equals_transformers_generate(llama_dir, plain_tok):
     assert 0 < expected < 1
 
     rows = [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, answers)]
-    result = evaluate_checkpoint(str(llama_dir), None, rows, cfg(n=0, max_tokens=6, batch_size=3))
+    result = evaluate_checkpoint(str(llama_dir), None, rows, cfg(n=0, max_new_tokens=6, batch_size=3))
     assert result.greedy_accuracy == expected
     assert [p.greedy for p in result.prompts] == texts
     eos = plain_tok.eos_token_id
@@ -128,7 +128,7 @@ def test_greedy_accuracy_equals_transformers_generate(llama_dir, plain_tok):
     assert result.format_rate == 0.0 and result.pass_at_k == {} and result.sample_length is None
 
     model.train()  # an in-memory model (as the training pipeline passes it) gives the same result, keeps its mode
-    in_memory = evaluate_checkpoint(model, plain_tok, rows, cfg(n=0, max_tokens=6, batch_size=8), name="live")
+    in_memory = evaluate_checkpoint(model, plain_tok, rows, cfg(n=0, max_new_tokens=6, batch_size=8), name="live")
     assert model.training
     assert [p.greedy for p in in_memory.prompts] == texts and in_memory.greedy_accuracy == expected
     assert in_memory.name == "live" and in_memory.metrics()["greedy_accuracy"] == expected
@@ -150,7 +150,7 @@ def test_our_model_greedy_equals_a_full_forward_decode(deepseek_dir):
                     break
                 new.append(nxt)
         expected.append(tok.decode(new, skip_special_tokens=False))
-    result = evaluate_checkpoint(str(deepseek_dir), None, rows, cfg(n=2, k=(1, 2), max_tokens=5, batch_size=4))
+    result = evaluate_checkpoint(str(deepseek_dir), None, rows, cfg(n=2, k=(1, 2), max_new_tokens=5, batch_size=4))
     assert [p.greedy for p in result.prompts] == expected
     assert result.name == "ours" and result.sample_length.count == 2 * len(rows)
     assert set(result.pass_at_k) == set(result.maj_at_k) == {1, 2}
@@ -175,7 +175,7 @@ def test_sampled_metrics_equal_brute_force_over_the_recorded_samples(llama_dir):
     # one token per completion: samples are single digits (or empty), so votes and hits are frequent
     rows = [{"prompt": p, "answer": str(i % 10)} for i, p in enumerate(PROMPTS)]
     n, ks = 6, (1, 2, 6)
-    result = evaluate_checkpoint(str(llama_dir), None, rows, cfg(n=n, k=ks, max_tokens=1, temperature=3.0, seed=3))
+    result = evaluate_checkpoint(str(llama_dir), None, rows, cfg(n=n, k=ks, max_new_tokens=1, temperature=3.0, seed=3))
     pass_k, maj_k = {k: [] for k in ks}, {k: [] for k in ks}
     for p in result.prompts:
         assert len(p.sample_answers) == n
@@ -188,7 +188,7 @@ def test_sampled_metrics_equal_brute_force_over_the_recorded_samples(llama_dir):
         assert result.pass_at_k[k] == pytest.approx(float(sum(pass_k[k]) / len(rows)), abs=1e-12)
         assert result.maj_at_k[k] == pytest.approx(float(sum(maj_k[k]) / len(rows)), abs=1e-12)
     assert 0 < result.pass_at_k[1] < result.pass_at_k[6]  # the data leaves room to improve with k
-    again = evaluate_checkpoint(str(llama_dir), None, rows, cfg(n=n, k=ks, max_tokens=1, temperature=3.0, seed=3))
+    again = evaluate_checkpoint(str(llama_dir), None, rows, cfg(n=n, k=ks, max_new_tokens=1, temperature=3.0, seed=3))
     assert [p.sample_answers for p in again.prompts] == [p.sample_answers for p in result.prompts]
 
 
@@ -227,7 +227,7 @@ def test_command_writes_json_markdown_and_charts(tmp_path, llama_dir, rm_dir, pl
     data.write_text("".join(json.dumps({"question": p, "answer": str(i)}) + "\n" for i, p in enumerate(PROMPTS)))
     out = tmp_path / "out"
     rc = main([str(llama_dir), str(twin), "--data", str(data), "--prompt-column", "question", "--limit", "5",
-               "--n", "2", "--k", "1,2", "--max-tokens", "4", "--reward", "format", "accuracy",
+               "--n", "2", "--k", "1,2", "--max-new-tokens", "4", "--reward", "format", "accuracy",
                "--reward-model", str(rm_dir), "--out", str(out), "--no-progress", "--device", "cpu"])
     assert rc == 0
     assert {p.name for p in out.iterdir()} >= {"results.json", "results.md", "completions.jsonl", "accuracy.png",
@@ -312,7 +312,7 @@ def test_api_rejects_rows_without_the_needed_columns(llama_dir):
     with pytest.raises(EvalError, match="no rows to evaluate"):
         evaluate_checkpoint(str(llama_dir), None, [], cfg(n=0))
     result = evaluate_checkpoint(str(llama_dir), None, [{"prompt": "Compute 1+2"}], cfg(n=0, accuracy=False,
-                                                                                        max_tokens=2))
+                                                                                        max_new_tokens=2))
     assert result.greedy_accuracy is None and "greedy_accuracy" not in result.metrics()
 
 

@@ -158,3 +158,12 @@ class Progress:
             self.data["completed"].append(phase)
         self.data["results"][phase] = result
         atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+    def record_seconds(self, phase: str, seconds: float) -> None:
+        """The wall time of the run of ``phase`` that completed it (a resumed phase: its last attempt)."""
+        self.data.setdefault("seconds", {})[phase] = round(seconds, 3)
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+    def seconds(self) -> dict[str, float]:
+        """Phase -> the wall time recorded by :meth:`record_seconds`, in the order phases completed."""
+        return dict(self.data.get("seconds", {}))

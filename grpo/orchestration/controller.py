@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,7 @@ class Pipeline:
         self.rollouts: list[Any] = []
         self.rollout_engine: str | None = None
         self.offloaded = False
+        self.phase_started = time.perf_counter()  # when the running phase started (its wall time is reported)
 
     @property
     def console(self) -> Console:
@@ -144,7 +146,9 @@ class Pipeline:
                     log.warning("phase %s already complete: skipped", phase)
                     continue
                 self.console.print(f"phase {phase}")
+                self.phase_started = time.perf_counter()
                 PHASE_RUNNERS.get(phase)(self)
+                self.progress.record_seconds(phase, time.perf_counter() - self.phase_started)
         finally:
             self.logger.close()
             if started:

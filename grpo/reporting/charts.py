@@ -33,12 +33,14 @@ class PlotSpec:
         title: Figure title.
         keys: Given the keys present in the plotted phases (in order of first appearance), the keys to draw.
         rl_axis: True: the RL phases end to end on a global step axis; False: the ``sft`` phase alone.
+        stacked: One panel with the keys stacked (parts of a whole, e.g. a step's time), not a panel per key.
     """
 
     name: str
     title: str
     keys: Callable[[Sequence[str]], list[str]]
     rl_axis: bool = True
+    stacked: bool = False
 
 
 def _reward_keys(present: Sequence[str]) -> list[str]:
@@ -50,6 +52,10 @@ def _exact(*names: str) -> Callable[[Sequence[str]], list[str]]:
     return lambda present: [n for n in names if n in present]
 
 
+# the parts of an RL step, as the trainer times them (``grpo.timing``)
+STEP_PARTS = ("time/generate", "time/score", "time/logprobs", "time/advantages", "time/update", "time/sync",
+              "time/sync_check")
+
 PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("reward", "Reward (mean and components)", _reward_keys),
     PlotSpec("accuracy", "Accuracy", _exact("reward/accuracy", "accuracy")),
@@ -57,6 +63,7 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("completion_length", "Completion length (tokens)", _exact("completion/length_mean")),
     PlotSpec("mismatch", "Rollout-training mismatch (engine vs trainer log-probs)",
              _exact("mismatch/logp_abs_mean", "mismatch/kl", "mismatch/corrected_frac")),
+    PlotSpec("step_time", "Step time by part (seconds)", _exact(*STEP_PARTS), stacked=True),
     PlotSpec("sft_loss", "SFT loss", _exact("loss"), rl_axis=False),
 )
 
@@ -105,13 +112,48 @@ def _present_keys(records: Sequence[Mapping[str, Any]], phases: Sequence[str]) -
     return list(keys)
 
 
-def _render(spec: PlotSpec, records: Sequence[Mapping[str, Any]], axis: _Axis, keys: list[str],
-            colors: Mapping[str, Any]) -> bytes:
+def _figure(panels: int) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8.0, 1.0 + 2.4 * len(keys)), layout="constrained")
+    fig = Figure(figsize=(8.0, 1.0 + 2.4 * panels), layout="constrained")
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _render_stacked(spec: PlotSpec, records: Sequence[Mapping[str, Any]], axis: _Axis, keys: list[str]) -> bytes:
+    """The keys stacked over the axis' phases end to end (a missing value counts 0)."""
+    fig = _figure(1)
+    ax = fig.subplots()
+    xs, stacks = [], {k: [] for k in keys}
+    for phase in axis.phases:
+        by_step = {r["step"]: r for r in records if r["phase"] == phase}
+        for step in sorted(by_step):
+            xs.append(axis.x(phase, step))
+            for k in keys:
+                stacks[k].append(float(by_step[step].get(k) or 0.0))
+    ax.stackplot(xs, *stacks.values(), labels=[k.removeprefix("time/") for k in keys], alpha=0.85)
+    for b in axis.boundaries:
+        ax.axvline(b, color="0.3", linestyle="--", linewidth=1)
+    ax.set_ylabel("seconds")
+    ax.set_xlabel(axis.label)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="small", ncol=len(keys), frameon=False)
+    fig.suptitle(spec.title)
+    return _png(fig)
+
+
+def _render(spec: PlotSpec, records: Sequence[Mapping[str, Any]], axis: _Axis, keys: list[str],
+            colors: Mapping[str, Any]) -> bytes:
+    if spec.stacked:
+        return _render_stacked(spec, records, axis, keys)
+    fig = _figure(len(keys))
     axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     for ax, key in zip(axes, keys):
         for phase in axis.phases:
@@ -126,9 +168,7 @@ def _render(spec: PlotSpec, records: Sequence[Mapping[str, Any]], axis: _Axis, k
     axes[0].legend(loc="best", fontsize="small")
     axes[-1].set_xlabel(axis.label)
     fig.suptitle(spec.title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def plot_metrics(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

@@ -8,8 +8,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grpo.phases import RL_PREF, RL_REASON
-
 if TYPE_CHECKING:
     from grpo.reporting.run_report import PhaseEval
 
@@ -19,72 +17,137 @@ def fmt(value: float | None, spec: str = ".3f", suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
-def phase_table(evals: Mapping[str, PhaseEval]) -> list[str]:
-    """Markdown table: a row per phase; accuracy, the optional numbers any phase reported and each reward's mean."""
-    def pct(value: float | None) -> str:
-        return fmt(None if value is None else 100 * value, ".1f", "%")
+WIDTH = 100  # every line of a report table fits in this many characters
 
+
+def _pct(value: float | None) -> str:
+    return fmt(None if value is None else 100 * value, ".1f", "%")
+
+
+def accuracy_table(evals: Mapping[str, PhaseEval]) -> list[str]:
+    """A row per phase: held-out accuracy, then the optional numbers any phase reported (format rate, length,
+    n, pass@k ...)."""
     optional: list[tuple[str, Callable[[PhaseEval], str]]] = [
-        ("format rate", lambda e: pct(e.format_rate)),
+        ("format rate", lambda e: _pct(e.format_rate)),
         ("length", lambda e: fmt(e.length_mean, ".4g")),
         ("n", lambda e: fmt(e.n, "d")),
     ]
     optional += [(k, lambda e, k=k: fmt(e.extra.get(k), ".4g"))
                  for k in dict.fromkeys(k for e in evals.values() for k in e.extra)]
-    columns = [("accuracy", lambda e: pct(e.accuracy))]
+    columns = [("accuracy", lambda e: _pct(e.accuracy))]
     columns += [(name, cell) for name, cell in optional if any(cell(e) != "n/a" for e in evals.values())]
-    columns += [(f"reward: {k}", lambda e, k=k: fmt(e.rewards.get(k), ".3f"))
-                for k in dict.fromkeys(k for e in evals.values() for k in e.rewards)]
-    rows = ["| phase | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = ["| phase | " + " | ".join(name for name, _ in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
     rows += [f"| {phase} | " + " | ".join(cell(e) for _, cell in columns) + " |" for phase, e in evals.items()]
     return rows
 
 
-def delta_lines(deltas: Mapping[str, Any], tax: float | None, phases: Sequence[str]) -> list[str]:
+def reward_table(evals: Mapping[str, PhaseEval], sampled: str, stage2: str) -> list[str]:
+    """A row per reward, a column per phase; a reward also measured over sampled completions (its name with
+    the ``sampled`` suffix) reads ``greedy / sampled`` in one cell. A component named like a held-out metric
+    carries the ``stage2`` suffix over greedy completions (``accuracy (stage-2 prompts)``) and pairs with
+    ``accuracy (sampled)``; the held-out ``accuracy`` itself has no sampled twin."""
+    names = [k for k in dict.fromkeys(k for e in evals.values() for k in e.rewards) if not k.endswith(sampled)
+             and not all(e.rewards.get(k) == e.accuracy for e in evals.values())]  # the accuracy table has it
+    if not names:
+        return []
+
+    def twin(name: str) -> str | None:
+        if name.endswith(stage2):
+            return name.removesuffix(stage2) + sampled
+        return None if name + stage2 in names else name + sampled
+
+    both = any(twin(k) in e.rewards for e in evals.values() for k in names)
+    spec = ".2f" if both else ".3f"
+
+    def cell(e: PhaseEval, name: str) -> str:
+        greedy, other = fmt(e.rewards.get(name), spec), twin(name)
+        return f"{greedy} / {fmt(e.rewards.get(other), spec)}" if other in e.rewards else greedy
+
+    rows = ["| reward | " + " | ".join(evals) + " |", "|---" + "|---:" * len(evals) + "|"]
+    rows += [f"| {name} | " + " | ".join(cell(e, name) for e in evals.values()) + " |" for name in names]
+    return rows
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The report's first lines: the stage-1 gain, the stage-2 preference change, the alignment tax and the wall
+    time per phase (each when the run has it)."""
     lines = []
-    s1 = deltas["stage1_accuracy_gain_points"]
+    s1 = summary.get("stage1")
     if s1 is not None:
-        lines.append(f"- Stage 1 accuracy gain ({s1['from']} -> {s1['to']}): {fmt(s1['value'], '+.1f', ' points')}")
-    s2 = deltas["stage2_reward_change"]
+        lines.append(f"- **Stage 1** ({s1['from']} -> {s1['to']}): held-out accuracy {_pct(s1['accuracy_from'])} "
+                     f"-> {_pct(s1['accuracy_to'])}, {fmt(s1['gain_points'], '+.1f', ' points')}")
+    s2 = summary.get("stage2")
     if s2 is not None:
-        changes = ", ".join(f"{k} {fmt(s2['values'][k], '+.3f')}" for k in s2["preference"]) or "n/a"
-        lines.append(f"- Stage 2 preference reward change ({s2['from']} -> {s2['to']}): {changes}")
-    if RL_REASON in phases and RL_PREF in phases:
-        lines.append(f"- Alignment tax (accuracy lost from {RL_REASON} to {RL_PREF}): {fmt(tax, '+.1f', ' points')}")
+        changes = ", ".join(f"{k} {fmt(v, '+.3f')}" for k, v in s2["change"].items()) or "n/a"
+        lines.append(f"- **Stage 2** ({s2['from']} -> {s2['to']}): preference reward change {changes}")
+    if "alignment_tax_points" in summary:
+        lines.append(f"- **Alignment tax**: {fmt(summary['alignment_tax_points'], '+.1f', ' points')} of "
+                     f"held-out accuracy lost in stage 2 (negative: gained)")
+    wall = summary.get("wall_seconds") or {}
+    if wall:
+        parts = ", ".join(f"{phase} {_minutes(s)}" for phase, s in wall.items())
+        lines.append(f"- **Wall time**: {_minutes(sum(wall.values()))} ({parts})")
     return lines
 
 
 def mismatch_table(mismatch: Mapping[str, Mapping[str, float]]) -> list[str]:
     """A row per RL phase: the engine-trainer mismatch over its steps (see :mod:`grpo.correction`)."""
     lines = ["| phase | steps | mean abs log-prob gap | max abs gap | KL(engine, trainer) | corrected tokens |",
-             "|---|---|---|---|---|---|"]
+             "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {phase} | {m['steps']:.0f} | {m['logp_abs_mean']:.3g} | {m['logp_abs_max']:.3g} | {m['kl']:.3g} "
               f"| {100 * m['corrected_frac']:.2f}% |" for phase, m in mismatch.items()]
     return lines
 
 
-def run_report(run_dir: Path, evals: Mapping[str, PhaseEval], deltas: Mapping[str, Any], tax: float | None,
-              plots: Sequence[Path], settings: Mapping[str, Any], notes: Sequence[str],
-              mismatch: Mapping[str, Mapping[str, float]] | None = None) -> str:
+def settings_table(settings: Mapping[str, Any]) -> list[str]:
+    """``| setting | value |`` rows; a value too long for :data:`WIDTH` is cut (``recipe.yaml`` has it all)."""
+    rows = ["| setting | value |", "|---|---|"]
+    for key, value in settings.items():
+        room = WIDTH - len(key) - 7
+        text = str(value)
+        rows.append(f"| {key} | {text if len(text) <= room else text[:room - 3] + '...'} |")
+    return rows
+
+
+def run_report(run_dir: Path, evals: Mapping[str, PhaseEval], report: Mapping[str, Any], plots: Sequence[Path],
+               suffixes: tuple[str, str]) -> str:
+    """``report.md``: the summary, the held-out tables, the mismatch, the plots, the recipe and the notes.
+
+    Args:
+        run_dir: The run folder (plots are linked relative to it).
+        evals: Phase -> its held-out evaluation, in run order.
+        report: What ``report.json`` holds (``summary``, ``mismatch``, ``settings``, ``notes``).
+        plots: The PNGs drawn.
+        suffixes: The suffixes of rewards measured over sampled completions and of stage-2 components named
+            like a held-out metric (see :func:`reward_table`).
+    """
     out = [f"# Run report: {run_dir.resolve().name}", ""]
+    summary = summary_lines(report["summary"])
+    if summary:
+        out += ["## Summary", "", *summary, ""]
     if evals:
-        out += ["## Held-out evaluation after each phase", "", *phase_table(evals), ""]
-        deltas_md = delta_lines(deltas, tax, list(evals))
-        if deltas_md:
-            out += ["## Deltas", "", *deltas_md, ""]
-    if mismatch:
+        out += ["## Held-out accuracy after each phase", "", *accuracy_table(evals), ""]
+        rewards = reward_table(evals, *suffixes)
+        if rewards:
+            out += ["## Rewards after each phase", "", "Mean reward on the held-out prompts of each kind; a cell "
+                    "`a / b` is over greedy / sampled completions.", "", *rewards, ""]
+    if report["mismatch"]:
         out += ["## Rollout-training mismatch", "", "Per RL phase, the engine's log-probs of its samples against "
-                "the trainer's (means over steps; the max over all of them).", "", *mismatch_table(mismatch), ""]
+                "the trainer's (means over steps; the max over all of them).", "", *mismatch_table(report["mismatch"]),
+                ""]
     if plots:
         out += ["## Training curves", ""]
         for p in plots:
             out += [f"![{p.stem}]({Path(os.path.relpath(p, run_dir)).as_posix()})", ""]
-    if settings:
+    if report["settings"]:
         out += ["## Recipe", "", "Learning rates, KL weights, temperatures and weight decays are the values the run "
-                "logged at each step.", "", "| setting | value |", "|---|---|"]
-        out += [f"| {k} | {v} |" for k, v in settings.items()] + [""]
-    if notes:
-        out += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+                "logged at each step; `recipe.yaml` has the whole recipe.", "", *settings_table(report["settings"]), ""]
+    if report["notes"]:
+        out += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
     return "\n".join(out)
 
 

@@ -217,7 +217,7 @@ def _ran_value(values: Sequence[float]) -> str:
     first, last, top = values[0], values[-1], max(values)
     if all(v == first for v in values):
         return f"{first:g}"
-    return f"{first:g} .. {top:g} -> {last:g} (first, peak and last of {len(values)} logged steps)"
+    return f"{first:.3g} .. {top:.3g} -> {last:.3g} (first, peak, last of {len(values)} steps)"
 
 
 def ran_settings(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -250,8 +250,32 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+def summarize(evals: Mapping[str, PhaseEval], deltas: Mapping[str, Any], tax: float | None,
+              wall_seconds: Mapping[str, float]) -> dict[str, Any]:
+    """The report's summary: the stage-1 gain with the accuracies it is between, the stage-2 change of the
+    preference reward (its total over ``greedy`` and ``sampled`` completions when evaluated, else the components
+    it trained on), the alignment tax and the wall time per phase; each only when the run has it."""
+    out: dict[str, Any] = {}
+    s1 = deltas["stage1_accuracy_gain_points"]
+    if s1 is not None:
+        out["stage1"] = {"from": s1["from"], "to": s1["to"], "accuracy_from": evals[s1["from"]].accuracy,
+                         "accuracy_to": evals[s1["to"]].accuracy, "gain_points": s1["value"]}
+    s2 = deltas["stage2_reward_change"]
+    if s2 is not None:
+        totals = {label: s2["values"][k] for label, k in (("greedy", PREFERENCE_TOTAL),
+                                                          ("sampled", PREFERENCE_TOTAL + SAMPLED)) if k in s2["values"]}
+        out["stage2"] = {"from": s2["from"], "to": s2["to"],
+                         "change": totals or {k: s2["values"][k] for k in s2["preference"]}}
+    if RL_REASON in evals and RL_PREF in evals:
+        out["alignment_tax_points"] = tax
+    if wall_seconds:
+        out["wall_seconds"] = {k: round(float(v), 3) for k, v in wall_seconds.items()}
+    return out
+
+
 def write_report(run_dir: str | Path, evals: Mapping[str, PhaseEval | Mapping[str, Any]], *,
-                 recipe: Mapping[str, Any] | None = None, notes: Sequence[str] = ()) -> tuple[Path, Path]:
+                 recipe: Mapping[str, Any] | None = None, notes: Sequence[str] = (),
+                 wall_seconds: Mapping[str, float] | None = None) -> tuple[Path, Path]:
     """Writes ``run_dir/report.md`` and ``run_dir/report.json`` (atomically), regenerating the plots first.
 
     Args:
@@ -263,11 +287,12 @@ def write_report(run_dir: str | Path, evals: Mapping[str, PhaseEval | Mapping[st
         recipe: The run's recipe as plain data; its key settings are listed and ``rl_pref.rewards`` names the
             preference rewards.
         notes: Free-form lines appended to the report.
+        wall_seconds: Phase -> the seconds it ran, for the summary.
 
     Returns:
-        ``(report.md, report.json)``. The JSON holds ``phases``, ``deltas`` (see :func:`compute_deltas`),
-        ``alignment_tax`` (accuracy points), ``plots``, ``settings``, ``mismatch`` (:func:`mismatch_by_phase`)
-        and ``notes``; missing numbers are null.
+        ``(report.md, report.json)``. The JSON holds ``summary`` (:func:`summarize`), ``phases``, ``deltas``
+        (see :func:`compute_deltas`), ``alignment_tax`` (accuracy points), ``plots``, ``settings``,
+        ``mismatch`` (:func:`mismatch_by_phase`) and ``notes``; missing numbers are null.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -286,6 +311,7 @@ def write_report(run_dir: str | Path, evals: Mapping[str, PhaseEval | Mapping[st
     deltas, tax = compute_deltas(parsed, recipe_data)
     plots = plot_metrics(run_dir) if (run_dir / METRICS_FILE).exists() else []
     report = {
+        "summary": summarize(parsed, deltas, tax, wall_seconds or {}),
         "phases": {p: e.to_json() for p, e in parsed.items()},
         "deltas": deltas,
         "alignment_tax": tax,
@@ -296,5 +322,5 @@ def write_report(run_dir: str | Path, evals: Mapping[str, PhaseEval | Mapping[st
     }
     md_path, json_path = run_dir / "report.md", run_dir / "report.json"
     atomic_write_text(json_path, json.dumps(report, indent=2, allow_nan=False, default=str) + "\n")
-    atomic_write_text(md_path, run_report(run_dir, parsed, deltas, tax, plots, settings, notes, mismatch))
+    atomic_write_text(md_path, run_report(run_dir, parsed, report, plots, (SAMPLED, ON_STAGE2_PROMPTS)))
     return md_path, json_path

@@ -11,6 +11,7 @@ the alignment tax), next to the training curves.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import TYPE_CHECKING, Any
 
 from grpo.data.loading import rows_of
@@ -95,7 +96,8 @@ def evaluate_run(p: Pipeline) -> dict[str, PhaseEval]:
         p.logger.log(EVAL, len(evals), {f"eval/{phase}/{k}": v for k, v in entry.rewards.items() if v is not None})
         others = [f"{k} {v:.3f}" for k, v in entry.rewards.items() if v is not None and k != "accuracy"]
         p.console.print(f"eval {phase}: accuracy {entry.accuracy:.3f}" + (f"; {', '.join(others)}" if others else ""))
-    md, _ = write_report(p.run_dir, evals, recipe=p.recipe)
+    wall = {**p.progress.seconds(), EVAL: time.perf_counter() - p.phase_started}  # eval: until now
+    md, _ = write_report(p.run_dir, evals, recipe=p.recipe, wall_seconds=wall)
     p.progress.complete(EVAL, {phase: e.to_json() for phase, e in evals.items()})
     p.console.print(f"report: {md}")
     return evals

@@ -207,7 +207,8 @@ def test_missing_tensorboard_warns_once_and_keeps_the_json_log(tmp_path, caplog,
 def _three_phase_lines() -> list[dict]:
     lines = [{"phase": "sft", "step": s, "loss": 3.0 / s} for s in range(1, 6)]
     lines += [{"phase": "rl_reason", "step": s, "reward/mean": 0.1 * s, "reward/std": 0.2, "reward/accuracy": 0.1 * s,
-               "reward/format": 0.9, "kl": 0.01 * s, "completion/length_mean": 20.0 + s} for s in range(0, 6)]
+               "reward/format": 0.9, "kl": 0.01 * s, "completion/length_mean": 20.0 + s, "time/generate": 0.5,
+               "time/update": 0.3 + 0.01 * s} for s in range(0, 6)]
     lines += [{"phase": "rl_pref", "step": s, "reward/mean": 0.5 + 0.05 * s, "reward/helpful": 0.3 + 0.1 * s,
                "kl": None if s == 2 else 0.02 * s, "completion/length_mean": 30.0 - s} for s in range(1, 5)]
     lines += [{"phase": "eval", "step": 0, "accuracy": 0.7}]
@@ -220,7 +221,7 @@ def test_plot_metrics_writes_valid_pngs_for_three_phases(tmp_path):
     _write_run(tmp_path, _three_phase_lines())
     paths = plot_metrics(tmp_path)
     assert [p.name for p in paths] == ["reward.png", "accuracy.png", "kl.png", "completion_length.png",
-                                       "sft_loss.png"]
+                                       "step_time.png", "sft_loss.png"]
     for path in paths:
         assert path.parent == tmp_path / "plots"
         assert path.read_bytes()[:8] == PNG_MAGIC
@@ -230,6 +231,8 @@ def test_plot_metrics_writes_valid_pngs_for_three_phases(tmp_path):
             assert img.format == "PNG" and img.size[0] == 800 and img.size[1] >= 300
     with Image.open(tmp_path / "plots" / "reward.png") as img:  # mean + accuracy, format, helpful panels
         assert img.size[1] == 100 + 4 * 240
+    with Image.open(tmp_path / "plots" / "step_time.png") as img:  # the parts stacked in one panel
+        assert img.size[1] == 100 + 240
 
 
 def test_plot_metrics_skips_plots_whose_keys_are_absent(tmp_path):
@@ -314,7 +317,11 @@ def test_report_numbers_match_hand_computed_values(tmp_path):
     assert s2["preference"] == ["rm:helpful", "format"]  # the rewards rl_pref trained on, in recipe order
     assert data["alignment_tax"] == 3.0  # 100 * (0.55 - 0.52)
     assert data["plots"] == ["plots/reward.png", "plots/accuracy.png", "plots/kl.png",
-                             "plots/completion_length.png", "plots/sft_loss.png"]
+                             "plots/completion_length.png", "plots/step_time.png", "plots/sft_loss.png"]
+    assert data["summary"] == {
+        "stage1": {"from": "sft", "to": "rl_reason", "accuracy_from": 0.40, "accuracy_to": 0.55, "gain_points": 15.0},
+        "stage2": {"from": "rl_reason", "to": "rl_pref", "change": pytest.approx({"rm:helpful": 0.3, "format": 0.02})},
+        "alignment_tax_points": 3.0}
     assert data["settings"]["rl_reason.grpo.beta"] == 0.04
     assert data["settings"]["rl_pref.rewards"] == "rm:helpful x 0.5 + format x 0.25"
     assert data["settings"]["phases"] == "sft, rl_reason, rm, rl_pref, eval"
@@ -322,20 +329,56 @@ def test_report_numbers_match_hand_computed_values(tmp_path):
     assert data["notes"] == ["tiny run, numbers are noisy"]
 
     md = md_path.read_text()
-    assert md.startswith(f"# Run report: {tmp_path.name}\n")
-    assert ("| phase | accuracy | format rate | length | n | pass@4 | reward: accuracy | reward: format "
-            "| reward: rm:helpful |") in md
-    assert "| sft | 40.0% | 90.0% | 31.5 | 200 | n/a | 0.400 | 0.900 | 0.100 |" in md
-    assert "| base | 10.0% | n/a | n/a | 200 | n/a | 0.100 | 0.200 | n/a |" in md
-    assert "Stage 1 accuracy gain (sft -> rl_reason): +15.0 points" in md
-    assert "Stage 2 preference reward change (rl_reason -> rl_pref): rm:helpful +0.300, format +0.020" in md
-    assert "Alignment tax (accuracy lost from rl_reason to rl_pref): +3.0 points" in md
+    assert md.startswith(f"# Run report: {tmp_path.name}\n\n## Summary\n")
+    assert "| phase | accuracy | format rate | length | n | pass@4 |" in md
+    assert "| sft | 40.0% | 90.0% | 31.5 | 200 | n/a |" in md
+    assert "| base | 10.0% | n/a | n/a | 200 | n/a |" in md
+    # rewards: a row per reward, a column per phase; ``accuracy`` equals the held-out accuracy: not repeated
+    assert "| reward | base | sft | rl_reason | rl_pref |" in md and "\n| accuracy |" not in md
+    assert "| format | 0.200 | 0.900 | 0.950 | 0.970 |" in md and "| rm:helpful | n/a | 0.100 | 0.150 | 0.450 |" in md
+    assert "**Stage 1** (sft -> rl_reason): held-out accuracy 40.0% -> 55.0%, +15.0 points" in md
+    assert "**Stage 2** (rl_reason -> rl_pref): preference reward change rm:helpful +0.300, format +0.020" in md
+    assert "**Alignment tax**: +3.0 points" in md
     assert "![reward](plots/reward.png)" in md and "![sft_loss](plots/sft_loss.png)" in md
     assert "| rl_reason.grpo.group_size | 8 |" in md and "| sft.train.epochs | 2 |" in md
     assert "- tiny run, numbers are noisy" in md
     for link in data["plots"]:
         assert (tmp_path / link).read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "plots", "report.json", "report.md"]
+
+
+def test_the_summary_leads_with_the_numbers_of_report_json_and_every_table_fits_100_columns(tmp_path):
+    # the tiny pipeline's shape: stage-2 components over greedy and sampled completions, a long recipe value
+    names = ("preference", "rm:helpful", "rm:safety", "accuracy (stage-2 prompts)", "format")
+    evals = {phase: {"accuracy": acc, "n": 200, "format_rate": 1.0, "length_mean": 20.0 + i,
+                     "rewards": {"accuracy": acc, **{n: -1.2345 + i + j / 10 for j, n in enumerate(names)},
+                                 **{f"{n.removesuffix(' (stage-2 prompts)')} (sampled)": -2.5 + i
+                                    for n in names}}}
+             for i, (phase, acc) in enumerate([("base", 0.0), ("sft", 0.415), ("rl_reason", 0.705),
+                                               ("rl_pref", 0.70)])}
+    recipe = {**RECIPE, "rl_pref": {**RECIPE["rl_pref"], "rewards": [
+        {"name": n, "weight": 0.25, "key": None, "when": {"category": ["harmful", "other"]}}
+        for n in ("rm:helpful", "rm:safety", "accuracy", "format", "tests.helpers.some_module:reward")]}}
+    wall = {"sft": 75.2, "rl_reason": 250.0, "rm": 21.0, "rl_pref": 60.4, "eval": 58.0}
+    md_path, json_path = write_report(tmp_path, evals, recipe=recipe, wall_seconds=wall)
+    data, md = _no_nan_json(json_path), md_path.read_text()
+    summary = data["summary"]
+    assert summary["stage1"]["gain_points"] == data["deltas"]["stage1_accuracy_gain_points"]["value"] == 29.0
+    changes = data["deltas"]["stage2_reward_change"]["values"]
+    assert summary["stage2"]["change"] == {"greedy": changes["preference"], "sampled": changes["preference (sampled)"]}
+    assert summary["alignment_tax_points"] == data["alignment_tax"] == 0.5
+    assert summary["wall_seconds"] == wall
+    head = md.split("## Held-out")[0]
+    assert head.startswith(f"# Run report: {tmp_path.name}\n\n## Summary\n")
+    assert (f"held-out accuracy 41.5% -> 70.5%, {summary['stage1']['gain_points']:+.1f} points" in head
+            and f"greedy {changes['preference']:+.3f}, sampled {changes['preference (sampled)']:+.3f}" in head
+            and f"**Alignment tax**: {data['alignment_tax']:+.1f} points" in head)
+    assert "**Wall time**: 7.7 min (sft 1.3 min, rl_reason 4.2 min, rm 21 s, rl_pref 1.0 min, eval 58 s)" in head
+    assert "| preference | -1.23 / -2.50 | -0.23 / -1.50 | 0.77 / -0.50 | 1.77 / 0.50 |" in md
+    assert "| accuracy (stage-2 prompts) | -0.93 / -2.50 |" in md  # paired with ``accuracy (sampled)``
+    tables = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(tables) > 30 and max(map(len, tables)) <= 100, max(tables, key=len)
+    assert "| rl_pref.rewards | rm:helpful x 0.25 + rm:safety x 0.25 + " in md and "... |" in md  # cut to fit
 
 
 def test_stage2_preference_lists_sampled_rewards_and_the_stage2_prompt_accuracy(tmp_path):
@@ -364,7 +407,7 @@ def test_negative_alignment_tax_and_fallback_baselines(tmp_path):
     s2 = data["deltas"]["stage2_reward_change"]
     assert s2["values"] == pytest.approx({"helpful": 0.25}) and s2["preference"] == ["helpful"]
     md = md_path.read_text()
-    assert "Alignment tax (accuracy lost from rl_reason to rl_pref): -5.0 points" in md
+    assert "**Alignment tax**: -5.0 points" in md
     assert "Training curves" not in md and "Recipe" not in md and data["plots"] == []
 
 
@@ -380,9 +423,9 @@ def test_missing_numbers_become_null_and_na(tmp_path):
     assert data["deltas"]["stage2_reward_change"]["values"] == {"helpful": None}
     assert data["alignment_tax"] is None
     md = md_path.read_text()
-    assert "| sft | n/a | n/a |" in md
-    assert "Stage 1 accuracy gain (sft -> rl_reason): n/a" in md
-    assert "Alignment tax (accuracy lost from rl_reason to rl_pref): n/a" in md
+    assert "| sft | n/a |" in md and "| helpful | n/a | n/a | 0.400 |" in md
+    assert "**Stage 1** (sft -> rl_reason): held-out accuracy n/a -> 50.0%, n/a" in md
+    assert "**Alignment tax**: n/a" in md
 
 
 def test_report_without_rl_phases_has_no_deltas(tmp_path):
@@ -390,7 +433,7 @@ def test_report_without_rl_phases_has_no_deltas(tmp_path):
     data = _no_nan_json(json_path)
     assert data["deltas"] == {"stage1_accuracy_gain_points": None, "stage2_reward_change": None}
     assert data["alignment_tax"] is None
-    assert "## Deltas" not in md_path.read_text()
+    assert "## Summary" not in md_path.read_text() and data["summary"] == {}
 
 
 @pytest.mark.parametrize("evals, error, match", [
@@ -467,7 +510,7 @@ def test_recipe_table_shows_the_settings_the_run_logged():
     records += [{"phase": "sft", "step": 10, "lr": 3e-3}, {"phase": "eval", "step": 1, "eval/x": 1.0}]
     got = ran_settings(records)
     assert got["rl_reason.grpo.lr"] == "0.001" and got["rl_reason.grpo.beta"] == "0.04"
-    assert got["rl_pref.grpo.lr"] == "0.0002 .. 0.0002 -> 5e-05 (first, peak and last of 3 logged steps)"
+    assert got["rl_pref.grpo.lr"] == "0.0002 .. 0.0002 -> 5e-05 (first, peak, last of 3 steps)"
     assert got["rl_pref.grpo.temperature"] == "0.7" and got["rl_pref.grpo.weight_decay"] == "0.05"
     assert got["sft.train.lr"] == "0.003"
 

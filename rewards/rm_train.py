@@ -157,6 +157,21 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Any, pairs: Iterable[Mappin
     return dp.sum_floats({"correct": float(correct)})["correct"] / len(rows)
 
 
+def _step(model: RewardModel, tokenizer: Any, batch: list[dict[str, Any]], config: RewardModelTrainConfig,
+          dp: DataParallel, optimizer: torch.optim.Optimizer) -> float:
+    """One optimizer step on ``batch`` (this rank's share of its pairs); this rank's share of the batch loss."""
+    mine, filler = _my_pairs(batch, dp)
+    optimizer.zero_grad(set_to_none=True)
+    with filler_forward(model) if filler else contextlib.nullcontext():
+        chosen, rejected = _pair_batch(model, tokenizer, mine, config.max_length)
+        # this rank's pairs' share of the batch mean
+        loss = bradley_terry_loss(chosen, rejected) * (0.0 if filler else len(mine) / len(batch))
+        (loss * dp.grad_scale).backward()
+    clip_grad_norm(model.parameters(), config.max_grad_norm or float("inf"))
+    optimizer.step()
+    return float(loss.detach())
+
+
 def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable[Mapping[str, Any]],
                        config: RewardModelTrainConfig | None = None,
                        eval_pairs: Iterable[Mapping[str, Any]] | None = None,
@@ -203,17 +218,9 @@ def train_reward_model(model: RewardModel, tokenizer: Any, train_pairs: Iterable
             rng.shuffle(order)
             for first in range(0, len(order), config.batch_size):
                 batch = [rows[i] for i in order[first : first + config.batch_size]]
-                mine, filler = _my_pairs(batch, dp)
-                optimizer.zero_grad(set_to_none=True)
-                with filler_forward(model) if filler else contextlib.nullcontext():
-                    chosen, rejected = _pair_batch(model, tokenizer, mine, config.max_length)
-                    # this rank's pairs' share of the batch mean
-                    loss = bradley_terry_loss(chosen, rejected) * (0.0 if filler else len(mine) / len(batch))
-                    (loss * dp.grad_scale).backward()
-                clip_grad_norm(model.parameters(), config.max_grad_norm or float("inf"))
-                optimizer.step()
+                loss = _step(model, tokenizer, batch, config, dp, optimizer)
                 scheduler.step()
-                losses.append(dp.sum_floats({"loss": float(loss.detach())})["loss"])
+                losses.append(dp.sum_floats({"loss": loss})["loss"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if on_step is not None:

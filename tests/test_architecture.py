@@ -25,7 +25,8 @@ ALLOWED = {  # package -> the toolkit packages it may import
     "grpo": {"model", "kernels", "rollout", "rewards", "sft"},
 }
 # Optional or heavy dependencies a function may import when it needs them (not every run has or wants them).
-LAZY_OK = ("vllm", "ray", "matplotlib", "triton", "trl", "torch.utils.tensorboard", "kernels.triton_impl")
+LAZY_OK = ("vllm", "ray", "matplotlib", "triton", "trl", "torch.utils.tensorboard", "kernels.triton_impl", "wandb",
+           "mlflow")
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 60
 EXEMPT_MODULES = {"model/modeling.py"}  # one readable file per architecture (STYLE.md)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 LOG_DIR_ENV = "GRPO_LOG_DIR"
 OUR_PACKAGES = ("grpo", "model", "rollout", "rewards", "sft", "kernels")
@@ -202,10 +203,6 @@ def _quiet_libraries() -> None:
     """Routes transformers' messages through Python logging (so they land in the log file, not the terminal)
     and lets Python warnings go the same way."""
     logging.captureWarnings(True)
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
 

@@ -41,6 +41,7 @@ from grpo.orchestration.workers import (
 )
 from grpo.phases import BASE, EVAL, POLICY_PHASES, RL_PHASES, reward_model_name
 from grpo.reporting import MetricsLogger
+from grpo.reporting.trackers import build_trackers
 from model import DeepSeekConfig, DeepSeekForCausalLM, build_tokenizer
 from model.files import atomic_write_text
 from rewards.combine import RewardSpec
@@ -100,7 +101,7 @@ class Pipeline:
                                   f"it, or choose another name=... or output_dir=...")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = Progress(self.run_dir)
-        self.logger = MetricsLogger(self.run_dir)
+        self.logger = MetricsLogger(self.run_dir, tensorboard=False)  # its trackers start with the run
         self.output = RunOutput(self.run_dir, verbose)
         self.threads = recipe.ray.threads_per_worker or os.cpu_count()
         self.policy: Any = None
@@ -139,6 +140,8 @@ class Pipeline:
                                f"{self.output.folder}/; --verbose shows them here)")
         started, scratch = init_ray(self.recipe, None if self.output.verbose else self.output.folder)
         try:
+            r = self.recipe
+            self.logger.trackers = build_trackers(r.loggers, self.run_dir, r.name, to_dict(r), r.wandb, r.mlflow)
             self._base_checkpoint()
             self._preflight()
             for phase in self.recipe.phases:

@@ -26,6 +26,7 @@ from grpo.config import GRPOConfig
 from grpo.data import DataSpec
 from grpo.orchestration.transport import WEIGHT_TRANSPORTS
 from grpo.phases import PHASES
+from grpo.reporting.trackers import MlflowConfig, WandbConfig, check_loggers
 from model.registry import check_fields
 from rewards.answers import check_answer_mode
 from rewards.combine import RewardSpec
@@ -260,6 +261,10 @@ class Recipe:
             GPU), ``cpu``, ``disk`` or ``none``.
         check_memory: On a GPU run, stop before the first phase when the memory plan (``grpo plan``) says a
             role does not fit its device.
+        loggers: Where the scalars go besides ``metrics.jsonl``: any of ``tensorboard``, ``wandb``, ``mlflow``
+            (see :mod:`grpo.reporting.trackers`; W&B and MLflow are optional extras).
+        wandb: W&B settings, read when ``loggers`` has ``wandb``.
+        mlflow: MLflow settings, read when ``loggers`` has ``mlflow``.
     """
 
     name: str = "tiny"
@@ -270,6 +275,9 @@ class Recipe:
     checkpoint_every: int = 10
     offload: str = "auto"
     check_memory: bool = True
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTPhase = field(default_factory=SFTPhase)
@@ -286,6 +294,7 @@ class Recipe:
             raise ValueError(f"offload must be auto, cpu, disk or none, got {self.offload!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        check_loggers(self.loggers)
 
     @property
     def run_dir(self) -> Path:

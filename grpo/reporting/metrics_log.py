@@ -1,19 +1,19 @@
-"""The run's metrics log: ``metrics.jsonl`` (crash-safe) and TensorBoard scalars.
+"""The run's metrics log: ``metrics.jsonl`` (crash-safe), and the same scalars to the run's trackers
+(TensorBoard by default; W&B and MLflow, see :mod:`grpo.reporting.trackers`).
 
 * ``metrics.jsonl``: one JSON object per :meth:`MetricsLogger.log` call, ``{"phase", "step", "time", **metrics}``.
   Every line is flushed and fsynced before ``log`` returns, so a crash loses nothing already logged; a line is
   complete only once its newline is written, and an incomplete last line (a writer killed mid-write) is ignored
   by :func:`read_metrics` with a warning and cut off when a :class:`MetricsLogger` reopens the file.
   Non-finite values are written as ``null``.
-* ``tensorboard/<phase>/``: scalars tagged ``"{phase}/{metric}"``, one TensorBoard run per phase. Keeping phases
-  apart lets a resumed phase purge its own stale events: after :meth:`MetricsLogger.truncate_after` the phase's
+* trackers: the finite scalars of every line, tagged ``"{phase}/{metric}"``. TensorBoard keeps one run per
+  phase, so a resumed phase purges its own stale events: after :meth:`MetricsLogger.truncate_after` the phase's
   next writer starts with ``purge_step = step + 1``, so TensorBoard hides the events a crashed attempt wrote past
   the checkpoint, as :meth:`truncate_after` does for the JSON lines.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -22,16 +22,16 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from grpo.reporting.trackers import TensorBoardTracker, Tracker, build_trackers
 from model.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 RESERVED_KEYS = ("phase", "step", "time")
 
 
@@ -88,18 +88,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ logger
-@functools.cache
-def _summary_writer_class() -> type | None:
-    """``torch.utils.tensorboard.SummaryWriter``, or None (after one warning) when it cannot be imported."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        log.warning("TensorBoard logging disabled: cannot import torch.utils.tensorboard (%s); "
-                    "install the 'tensorboard' package", exc)
-        return None
-    return SummaryWriter
-
-
 def _check_phase(phase: Any) -> str:
     if not isinstance(phase, str) or not phase.strip() or "/" in phase or "\\" in phase:
         raise ValueError(f"phase: expected a non-empty name without '/' or '\\', got {phase!r}")
@@ -151,22 +139,21 @@ class MetricsLogger:
         run_dir: The run folder (created when missing).
         tensorboard: Also write TensorBoard scalars under ``run_dir/tensorboard/<phase>/``. When
             ``torch.utils.tensorboard`` cannot be imported, one warning is logged and only the JSON log is kept.
+        trackers: More trackers that get every line's scalars (W&B, MLflow: :func:`build_trackers`).
     """
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, trackers: Sequence[Tracker] = ()) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
-        self._writer_cls = _summary_writer_class() if tensorboard else None
-        self._writers: dict[str, Any] = {}
-        self._purge_step: dict[str, int] = {}
+        self.trackers = [*(build_trackers(["tensorboard"], self.run_dir, "", {}) if tensorboard else []), *trackers]
         self._drop_partial_tail()
         self._file: io.TextIOWrapper | None = open(self.path, "a", encoding="utf-8")
 
     @property
     def tensorboard(self) -> bool:
         """Whether TensorBoard scalars are written."""
-        return self._writer_cls is not None
+        return any(isinstance(t, TensorBoardTracker) for t in self.trackers)
 
     def _drop_partial_tail(self) -> None:
         if not self.path.exists():
@@ -199,18 +186,14 @@ class MetricsLogger:
         f.write(json.dumps(record, allow_nan=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
-        if self._writer_cls is not None:
-            writer = self._writer(phase)
-            for key, value in values.items():
-                if value is not None:
-                    writer.add_scalar(f"{phase}/{key}", value, global_step=step)
-            writer.flush()
+        finite = {k: v for k, v in values.items() if v is not None}
+        for tracker in self.trackers:
+            tracker.log(phase, step, finite)
 
-    def _writer(self, phase: str) -> Any:
-        if phase not in self._writers:
-            self._writers[phase] = self._writer_cls(log_dir=str(self.run_dir / TENSORBOARD_DIR / phase),
-                                                    purge_step=self._purge_step.pop(phase, None))
-        return self._writers[phase]
+    def artifact(self, paths: Sequence[Path]) -> None:
+        """Attaches files of the run folder (the report) to every tracker that keeps artifacts."""
+        for tracker in self.trackers:
+            tracker.artifact(paths, self.run_dir)
 
     def truncate_after(self, phase: str, step: int) -> int:
         """Drops the lines of ``phase`` whose step is greater than ``step`` (call when resuming from ``step``).
@@ -230,19 +213,17 @@ class MetricsLogger:
                 if not line.strip() or not _drops(_parse_line(self.path, i, line), phase, step)]
         atomic_write_bytes(self.path, "".join(keep).encode("utf-8"))
         self._file = open(self.path, "a", encoding="utf-8")
-        if phase in self._writers:
-            self._writers.pop(phase).close()
-        self._purge_step[phase] = step + 1
+        for tracker in self.trackers:
+            tracker.truncate_after(phase, step)
         return len(lines) - len(keep)
 
     def close(self) -> None:
-        """Closes the file and the TensorBoard writers; closing twice is harmless."""
+        """Closes the file and the trackers; closing twice is harmless."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
+        for tracker in self.trackers:
+            tracker.close()
 
     def __enter__(self) -> MetricsLogger:
         return self

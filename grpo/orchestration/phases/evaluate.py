@@ -18,7 +18,7 @@ from grpo.data.loading import rows_of
 from grpo.evaluation import EvalConfig, evaluate_checkpoint, open_engine
 from grpo.orchestration.phases.registry import PHASE_RUNNERS
 from grpo.phases import EVAL
-from grpo.reporting import ON_STAGE2_PROMPTS, SAMPLED, PhaseEval, write_report
+from grpo.reporting import ON_STAGE2_PROMPTS, PLOTS_DIR, SAMPLED, PhaseEval, write_report
 from rewards.combine import combine
 
 if TYPE_CHECKING:
@@ -97,7 +97,8 @@ def evaluate_run(p: Pipeline) -> dict[str, PhaseEval]:
         others = [f"{k} {v:.3f}" for k, v in entry.rewards.items() if v is not None and k != "accuracy"]
         p.console.print(f"eval {phase}: accuracy {entry.accuracy:.3f}" + (f"; {', '.join(others)}" if others else ""))
     wall = {**p.progress.seconds(), EVAL: time.perf_counter() - p.phase_started}  # eval: until now
-    md, _ = write_report(p.run_dir, evals, recipe=p.recipe, wall_seconds=wall)
+    md, js = write_report(p.run_dir, evals, recipe=p.recipe, wall_seconds=wall)
+    p.logger.artifact([md, js, *sorted((p.run_dir / PLOTS_DIR).glob("*.png"))])
     p.progress.complete(EVAL, {phase: e.to_json() for phase, e in evals.items()})
     p.console.print(f"report: {md}")
     return evals

@@ -181,8 +181,11 @@ def test_short_full_pipeline_writes_report_and_loadable_checkpoints(tmp_path):
         names = {"preference", "rm:helpful", "rm:safety", "format"}
         assert names | {f"{n} (sampled)" for n in names} <= set(phase["rewards"])
     assert report["alignment_tax"] is not None
-    # one row in the evaluation table, one in the rollout-mismatch table
-    assert (run / "report.md").read_text().count("| rl_pref |") == 2
+    # one row in the held-out accuracy table, one in the rollout-mismatch table
+    md = (run / "report.md").read_text()
+    assert len([line for line in md.splitlines() if line.startswith("| rl_pref |")]) == 2
+    assert list(report["summary"]["wall_seconds"]) == ["sft", "rl_reason", "rm", "rl_pref", "eval"]
+    assert max(len(line) for line in md.splitlines() if line.startswith("|")) <= 100
     assert set(report["mismatch"]) == {"rl_reason", "rl_pref"}
     assert report["mismatch"]["rl_reason"]["logp_abs_mean"] < 1e-5  # our float32 engine: the trainer's numbers
     assert (run / "plots" / "reward.png").exists() and (run / "plots" / "mismatch.png").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo.reporting import MetricsLogger, charts, metrics_log, plot_metrics, read_metrics, recipe_settings, write_report
+from grpo.reporting import MetricsLogger, charts, plot_metrics, read_metrics, recipe_settings, trackers, write_report
 from model import files
 from tests.helpers import ROOT
 
@@ -187,9 +187,9 @@ def test_tensorboard_scalars_are_written_and_purged_on_resume(tmp_path):
 @pytest.fixture
 def no_tensorboard(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    metrics_log._summary_writer_class.cache_clear()
+    trackers.summary_writer_class.cache_clear()
     yield
-    metrics_log._summary_writer_class.cache_clear()
+    trackers.summary_writer_class.cache_clear()
 
 
 def test_missing_tensorboard_warns_once_and_keeps_the_json_log(tmp_path, caplog, no_tensorboard):

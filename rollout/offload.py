@@ -100,7 +100,10 @@ class Offloader:
     mode: str | None = field(default=None, init=False)
     _meta: dict[str, tuple[torch.device, torch.dtype, torch.Size]] = field(default_factory=dict, init=False)
     _held: dict[str, torch.Tensor] = field(default_factory=dict, init=False)  # cpu mode: the shards' copies
-    _storage_bytes: dict[str, int] = field(default_factory=dict, init=False)  # shards' storage sizes
+    # shards share storages (FSDP reduce-scatters a block's gradients into one buffer and views it): each
+    # shard's storage, by its address before release, and each storage's size
+    _storage_of: dict[str, int] = field(default_factory=dict, init=False)
+    _storage_bytes: dict[int, int] = field(default_factory=dict, init=False)
 
     @property
     def offloaded(self) -> bool:
@@ -118,27 +121,27 @@ class Offloader:
         slots = _tensor_slots(self.model, self.optimizer)
         self._meta = {k: (_get(o, a).device, _get(o, a).dtype, _get(o, a).shape) for k, (o, a) in slots.items()}
         moved = sum(_get(o, a).numel() * _get(o, a).element_size() for o, a in slots.values())
+        shards = [key for key, (owner, attr) in slots.items() if _in_place(owner, attr)]
         if mode == "cpu":
             pin = torch.cuda.is_available()
             for key, (owner, attr) in slots.items():
                 t = _get(owner, attr)
                 cpu = t.detach().to("cpu", copy=True)
                 cpu = cpu.pin_memory() if pin and t.device.type != "cpu" else cpu
-                if _in_place(owner, attr):
+                if key in shards:
                     self._held[key] = cpu
-                    self._release(key, t)
                 else:
                     _set(owner, attr, cpu)
+            self._release({key: _get(*slots[key]) for key in shards})  # every copy taken before any release
         else:
             folder = self._folder()
             folder.mkdir(parents=True, exist_ok=True)
             tensors = {k: _get(o, a).detach().to("cpu").contiguous() for k, (o, a) in slots.items()}
             save_file(tensors, str(folder / "tensors.safetensors"))
             del tensors
+            self._release({key: _get(*slots[key]) for key in shards})
             for key, (owner, attr) in slots.items():
-                if _in_place(owner, attr):
-                    self._release(key, _get(owner, attr))
-                else:
+                if key not in shards:
                     _set(owner, attr, torch.empty(0, dtype=self._meta[key][1], device=self._meta[key][0]))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -154,24 +157,31 @@ class Offloader:
         if missing:
             raise RuntimeError(f"cannot onload: tensors disappeared while offloaded: {missing[:5]}")
         stored = load_file(str(self._folder() / "tensors.safetensors")) if self.mode == "disk" else None
+        restored: set[int] = set()
         for key, (owner, attr) in slots.items():
             device, dtype, shape = self._meta[key]
             if _in_place(owner, attr):
-                local = _get(owner, attr)
-                local.untyped_storage().resize_(self._storage_bytes[key])
+                local, storage = _get(owner, attr), self._storage_of[key]
+                if storage not in restored:  # once per storage: a second resize would free its first views
+                    local.untyped_storage().resize_(self._storage_bytes[storage])
+                    restored.add(storage)
                 local.copy_(stored[key] if stored is not None else self._held[key])
                 continue
             src = stored[key] if stored is not None else _get(owner, attr)
             _set(owner, attr, src.to(device=device, dtype=dtype).reshape(shape))
         if self.mode == "disk":
             shutil.rmtree(self._folder(), ignore_errors=True)
-        self.mode, self._held, self._storage_bytes = None, {}, {}
+        self.mode, self._held, self._storage_of, self._storage_bytes = None, {}, {}, {}
 
-    def _release(self, key: str, local: torch.Tensor) -> None:
-        """Frees a shard's memory, keeping the tensor (its storage is resized back on onload)."""
-        storage = local.untyped_storage()
-        self._storage_bytes[key] = storage.nbytes()
-        storage.resize_(0)
+    def _release(self, shards: dict[str, torch.Tensor]) -> None:
+        """Frees the shards' memory, keeping the tensors (their storages are resized back on onload). Storages
+        are told apart before any is freed: a freed storage no longer has an address."""
+        for key, local in shards.items():
+            storage = local.untyped_storage()
+            self._storage_of[key] = storage.data_ptr()
+            self._storage_bytes.setdefault(storage.data_ptr(), storage.nbytes())
+        for local in shards.values():
+            local.untyped_storage().resize_(0)
 
     def _folder(self) -> Path:
         if self.folder is None:

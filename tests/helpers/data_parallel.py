@@ -160,8 +160,10 @@ def offload_case(dp: DataParallel, folder: Path) -> dict[str, Any]:
     """Offloads a sharded trainer (parameters, gradients, Adam moments) and brings it back, in both modes."""
     trainer = _sft_trainer(dp)
     trainer.train_step()
-    for param in trainer.model.parameters():  # gradients exist too
-        param.grad = torch.full_like(param, 0.5)
+    # gradients exist too, as FSDP leaves them: a block's reduce-scattered into one buffer, its shards views of it
+    trainer.model(input_ids=torch.arange(1, 9)[None]).logits.float().square().mean().backward()
+    grads = [p.grad.to_local() for p in trainer.model.parameters() if p.grad.to_local().numel()]
+    shared = len(grads) - len({g.untyped_storage().data_ptr() for g in grads})
 
     def tensors() -> list[torch.Tensor]:
         out = [p.to_local() for p in trainer.model.parameters()] + [p.grad.to_local() for p in
@@ -178,7 +180,7 @@ def offload_case(dp: DataParallel, folder: Path) -> dict[str, Any]:
         released[mode] = (moved, sum(t.untyped_storage().nbytes() for t in tensors()))
         offloader.onload()
     return {"released": released, "bit_exact": all(torch.equal(a, b) for a, b in zip(before, tensors())),
-            "loss_after": trainer.train_step().loss}
+            "shared_storages": shared, "loss_after": trainer.train_step().loss}
 
 
 def _pairs(n: int, seed: int) -> list[dict[str, str]]:

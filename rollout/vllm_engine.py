@@ -22,6 +22,10 @@ How it maps our contract onto vLLM (checked against vLLM 0.32, CPU and GPU code 
   packed storage, which gives silently wrong outputs); the engine detaches those layers' MoE kernels for the
   reload so vLLM pads, packs and rebuilds them as on the first load. Each call must carry whole decoder
   layers (vLLM processes a layer once all of its tensors arrived); the prefix cache is reset afterwards.
+- **Routing.** ``SamplingConfig.record_routing`` (rollout routing replay) is refused: vLLM 0.32 returns the
+  routed experts (``CompletionOutput.routed_experts``, ``[seq_len, layers, top_k]``) only from its V2 model
+  runner (``VLLM_USE_V2_MODEL_RUNNER=1`` with ``enable_return_routed_experts=True``), which requires Triton, so
+  it cannot run on the CPU this engine is tested on, and it is not wired in.
 - **Sleep.** On platforms with vLLM sleep mode (CUDA) the engine is built with ``enable_sleep_mode=True`` and
   :meth:`sleep` frees the KV cache and offloads the weights (level 1). vLLM refuses sleep mode on the CPU:
   there :meth:`sleep` / :meth:`wake_up` only log that nothing is freed and track the state.
@@ -281,7 +285,9 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("SamplingConfig.stop (stop strings) needs an engine with a tokenizer")
         if sampling.record_routing:
             raise ValueError("SamplingConfig.record_routing: this vLLM engine does not return routed experts (vLLM "
-                             "0.32's enable_return_routed_experts is not wired in); use the torch engine")
+                             "0.32 returns them only from its V2 model runner, VLLM_USE_V2_MODEL_RUNNER=1 with "
+                             "enable_return_routed_experts, which needs Triton on a GPU; not wired in); use the torch "
+                             "engine")
         if sampling.logprobs and not _vllm_logprobs_exact(sampling) and not _rescorable(sampling):
             raise ValueError(
                 f"SamplingConfig: vLLM cannot return log-probs under softmax(logits / T) before top-k/top-p/"

@@ -92,6 +92,7 @@ def test_a_terminal_shows_only_the_drivers_displays_and_the_logs_folder_has_the_
     assert roles == {"driver.log", "PolicyWorker", "RolloutWorker", "ReferenceWorker", "RewardWorker"}
     worker_output = "".join(p.read_text(errors="replace") for p in logs.glob("*Worker*.log"))
     assert "Loading weights" in worker_output and "RolloutWorker started" in worker_output
+    assert "deprecated" not in worker_output  # transformers' cache argument is passed by its current name
 
 
 @pytest.mark.slow

@@ -109,6 +109,12 @@ class PhaseProgress:
         self.stream.write(f"[grpo] {self.name} {step}{of}  {values}{tail}".rstrip() + "\n")
         self.stream.flush()
 
+    def finish(self) -> None:
+        """The phase completed: a bar moves to its total (the last steps may not have been logged)."""
+        if self.bar is not None and self.total is not None and self.step < self.total:
+            self.bar.update(self.total - self.step)
+            self.step = self.total
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

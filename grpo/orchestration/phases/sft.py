@@ -35,6 +35,7 @@ def run(p: Pipeline) -> None:
     try:
         feed.wait(policy.submit("sft", rows, train, str(state_dir), p.recipe.checkpoint_every, p.recipe.resume,
                                 feed.queue), logged)
+        display.finish()
     finally:
         display.close()
         feed.close()

@@ -13,7 +13,8 @@ the report (``report.md``, ``report.json`` and the plots) as an artifact once th
 * ``mlflow`` (``pip install 'grpo-toolkit[mlflow]'``): one MLflow run per run folder, resumed by its id, in
   experiment ``mlflow.experiment`` at ``mlflow.tracking_uri`` (default: a local file store
   ``runs/<name>/mlruns``, which ``mlflow ui --backend-store-uri runs/<name>/mlruns`` shows). Config values
-  longer than MLflow's 6000-character limit for a parameter are cut.
+  longer than MLflow's 6000-character limit for a parameter are cut, and characters MLflow refuses in a name
+  are dropped (``eval/sft/accuracy (sampled)`` is ``eval/sft/accuracy sampled`` there).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -209,6 +211,12 @@ class WandbTracker(Tracker):
 
 # ------------------------------------------------------------------------------------------------ MLflow
 MLFLOW_PARAM_LIMIT = 6000
+_MLFLOW_UNNAMEABLE = re.compile(r"[^\w\-. :/]")  # MLflow names take letters, digits, _ - . space : / only
+
+
+def mlflow_name(key: str) -> str:
+    """``key`` as MLflow accepts it: other characters dropped (``accuracy (sampled)`` -> ``accuracy sampled``)."""
+    return _MLFLOW_UNNAMEABLE.sub("", key)
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -218,7 +226,7 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, Mapping) and value:
             out.update(_flat(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = json.dumps(value, default=str)[:MLFLOW_PARAM_LIMIT]
+            out[mlflow_name(f"{prefix}{key}")] = json.dumps(value, default=str)[:MLFLOW_PARAM_LIMIT]
     return out
 
 
@@ -262,7 +270,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(f"{phase}/{k}", v, now, step) for k, v in values.items()]
+        metrics = [Metric(mlflow_name(f"{phase}/{k}"), v, now, step) for k, v in values.items()]
         for first in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[first:first + 1000])
 

@@ -57,6 +57,7 @@ def test_both_trackers_get_the_scalars_the_config_and_the_report(tmp_path, monke
         logger.log("sft", 1, {"loss": 2.5})
         logger.log("rl_reason", 1, {"reward/mean": 0.25, "kl": float("nan")})
         logger.log("rl_reason", 2, {"reward/mean": 0.5, "kl": 0.01})
+        logger.log("eval", 1, {"eval/sft/accuracy (stage-2 prompts)": 0.75})  # parentheses: not an MLflow name
         logger.artifact([tmp_path / "report.md"])
 
     records = wandb_records(tmp_path)
@@ -72,6 +73,8 @@ def test_both_trackers_get_the_scalars_the_config_and_the_report(tmp_path, monke
     history = client.get_metric_history(run_id, "rl_reason/reward/mean")
     assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5)]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "sft/loss")] == [(1, 2.5)]
+    assert [m.value for m in client.get_metric_history(run_id, "eval/eval/sft/accuracy stage-2 prompts")] == [0.75]
+    assert wandb_history(records, "eval/eval/sft/accuracy (stage-2 prompts)", "eval") == [(1, 0.75)]
     mlrun = client.get_run(run_id)
     assert mlrun.data.params["rl_reason.grpo.beta"] == "0.04" and mlrun.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(run_id)] == ["report.md"]

@@ -8,7 +8,8 @@ file, a CI log) it is one plain line per logged step.
 Everything else a run prints goes to its log folder ``runs/<name>/logs/`` (:class:`RunOutput`): the driver's
 own stdout and stderr (Ray's banner and notices, third-party warnings and bars) to ``driver.log``, each worker's
 to ``<Role>-<pid>.log`` (:func:`capture_worker_output`, which the workers call as they start; the folder reaches
-them through the ``GRPO_LOG_DIR`` environment variable). Our own warnings are shown on the terminal too. With
+them through the ``GRPO_LOG_DIR`` environment variable of the Ray job's ``runtime_env``, set by
+:func:`grpo.orchestration.controller.init_ray`). Our own warnings are shown on the terminal too. With
 ``verbose`` nothing is redirected: the workers' output is forwarded by Ray as it comes, as before.
 """
 
@@ -154,8 +155,8 @@ class Console:
 
 
 class RunOutput:
-    """While a run lasts, sends the driver's stdout and stderr to ``logs/driver.log`` and gives the workers
-    their log folder; the :attr:`console` keeps writing to the terminal.
+    """While a run lasts, sends the driver's stdout and stderr to ``logs/driver.log``; the :attr:`console`
+    keeps writing to the terminal.
 
     Args:
         run_dir: The run folder (``logs/`` is created in it).
@@ -171,25 +172,18 @@ class RunOutput:
 
     def __enter__(self) -> RunOutput:
         self.folder.mkdir(parents=True, exist_ok=True)
-        os.environ[LOG_DIR_ENV] = "" if self.verbose else str(self.folder.resolve())
         if self.verbose:
             return self
-        sys.stdout.flush()
-        sys.stderr.flush()
         self._saved = [os.dup(1), os.dup(2)]
         terminal = os.fdopen(os.dup(self._saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")
         self.console = Console(terminal)
-        log_fd = os.open(self.folder / "driver.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
+        _redirect_output(self.folder / "driver.log")
         _quiet_libraries()
         self._handler = _TerminalHandler(self.console)
         logging.getLogger().addHandler(self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.environ.pop(LOG_DIR_ENV, None)
         if not self._saved:
             return
         if self._handler is not None:
@@ -203,6 +197,17 @@ class RunOutput:
         self._saved = []
         self.console.stream.close()
         self.console = Console()
+
+
+def _redirect_output(path: Path) -> None:
+    """Points this process's stdout and stderr (file descriptors 1 and 2, so C-level writes too) at ``path``,
+    appending."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _quiet_libraries() -> None:
@@ -220,12 +225,7 @@ def capture_worker_output(role: str) -> Path | None:
     if not folder:
         return None
     path = Path(folder) / f"{role}-{os.getpid()}.log"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    _redirect_output(path)
     logging.captureWarnings(True)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

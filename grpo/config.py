@@ -81,7 +81,8 @@ class GRPOConfig:
             while the trainer updates on step k's, with the weights before that update (bounded staleness
             ``max_staleness``). The ratio's old policy is the trainer's own (proximal) log-probs and the
             engine's log-probs are the behaviour policy, weighted in by ``rollout_correction`` (``auto``:
-            ``tis``), the decoupled objective (Hilton et al. 2022; AReaL). Not with dynamic sampling.
+            ``tis``), the decoupled objective (Hilton et al. 2022; AReaL). A remote reference computes the
+            next batch's log-probs as soon as it is sampled (:mod:`grpo.prefetch`). Not with dynamic sampling.
         max_staleness: How many updates a sampled batch may lag; 1 (one-step off-policy) is the one supported.
         seed: Seed of sampling and minibatch shuffling.
     """

@@ -31,6 +31,7 @@ from grpo.config import GRPOConfig
 from grpo.correction import correction_weights, mismatch_metrics, mismatch_stats, resolve
 from grpo.logprobs import sequence_logprobs
 from grpo.losses import micro_batch_weight, policy_loss
+from grpo.prefetch import WorkAhead
 from grpo.steps import check_step_rewards, token_step_ends
 from grpo.timing import PhaseTimer
 from grpo.weight_sync import WeightSync
@@ -112,6 +113,8 @@ class GRPOTrainer(WeightSync):
         # one step behind, the engine's log-probs are the behaviour policy's, never the trainer's own
         self.correction = self.dp.broadcast(resolve(config.rollout_correction, matches and not config.async_rollouts))
         self._pending: tuple[list[Row], PendingRollouts] | None = None  # async: the next step's, being sampled
+        self._work_ahead: WorkAhead | None = None  # async: their scores and reference log-probs, computing
+        self._prefetch_used = False
         self._mismatch: dict[str, float] = {}
         self._engine_gives_logprobs: bool | None = None
         if config.router_replay and dp.is_main and not getattr(engine, "can_record_routing", False):
@@ -156,13 +159,17 @@ class GRPOTrainer(WeightSync):
         timer = PhaseTimer(metrics)
         started = time.perf_counter()
         batch = rollouts = scores = None
+        work, self._work_ahead = self._work_ahead, None
         if self.dp.is_main:
             ahead = self._take_pending(rows)
             metrics["async/staleness"] = float(ahead is not None)  # sampled a step ago, before the last update
             if cfg.async_rollouts and next_rows is not None:
                 ahead = ahead or self._launch(rows)  # queued before the next batch on the workers
                 self._pending = (list(next_rows), self._launch(next_rows))
-            rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer, ahead)
+                self._work_ahead = WorkAhead(self._pending[1], lambda done: self.score(next_rows, done),
+                                             self._remote_reference if self._prefetches_reference() else None,
+                                             self.pad_id)
+            rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer, ahead, work)
             with timer("advantages"):
                 rewards = torch.tensor(scores.total, dtype=torch.float32)
                 batch = self._trajectories(rollouts, self._advantages(rollouts, scores), rewards)
@@ -170,7 +177,9 @@ class GRPOTrainer(WeightSync):
         self.rng.set_state(rng_state)
         self._mismatch = {}
         with timer("logprobs"):
-            batch = self._reference_logprobs(batch)
+            batch = self._reference_logprobs(batch, work)
+        if cfg.async_rollouts and self.dp.is_main:
+            metrics["async/reference_prefetched"] = float(self._prefetch_used)
         with timer("update"):
             metrics.update(self._update(batch))
         metrics.update(self._mismatch_metrics())
@@ -178,8 +187,9 @@ class GRPOTrainer(WeightSync):
         self.step_count += 1
         if cfg.ref_reset_every and self.ref_model is not None and self.step_count % cfg.ref_reset_every == 0:
             self._reset_reference()
-        if self.dp.is_main:
-            metrics.update(self._rollout_metrics(rollouts, scores, metrics))
+        if self.dp.is_main:  # sampled while the last step trained (async): tokens per second of this step
+            seconds = time.perf_counter() - started if metrics["async/staleness"] else metrics["time/generate"]
+            metrics.update(self._rollout_metrics(rollouts, scores, seconds))
         metrics.update(self._settings_that_ran())
         metrics["time/step"] = time.perf_counter() - started  # the whole step, overlapped parts once
         return metrics
@@ -206,11 +216,11 @@ class GRPOTrainer(WeightSync):
         return ahead
 
     def _sample_and_score(self, rows: list[Row], refill: Callable[[int], list[Row]] | None,
-                          metrics: dict[str, float], timer: PhaseTimer, ahead: PendingRollouts | None = None
-                          ) -> tuple[list[Row], list[Rollout], Scores]:
-        """Samples (or takes the rollouts sampled ``ahead``) and scores ``rows``; with dynamic sampling, drops
-        the groups without signal and samples rows from ``refill`` in their place (up to ``max_refill_rounds``
-        rounds)."""
+                          metrics: dict[str, float], timer: PhaseTimer, ahead: PendingRollouts | None = None,
+                          work: WorkAhead | None = None) -> tuple[list[Row], list[Rollout], Scores]:
+        """Samples (or takes the rollouts sampled ``ahead``, and their scores from ``work``) and scores ``rows``;
+        with dynamic sampling, drops the groups without signal and samples rows from ``refill`` in their place (up
+        to ``max_refill_rounds`` rounds)."""
         cfg = self.config
         want, g = len(rows), cfg.group_size
         kept_rows: list[Row] = []
@@ -221,8 +231,11 @@ class GRPOTrainer(WeightSync):
             with timer("generate"):  # async: the wait for what was sampled while the last step trained
                 rollouts = ahead.result() if ahead is not None else self.generate(pending)
                 ahead = None
-            with timer("score"):
-                scores = self.score(pending, rollouts)
+            with timer("score"):  # async: the wait for the scores computed while the last step trained
+                scores = work.scores(rollouts) if work is not None else None
+                if cfg.async_rollouts:
+                    metrics["async/scores_prefetched"] = float(scores is not None)
+                scores = self.score(pending, rollouts) if scores is None else scores
             for i, row in enumerate(pending):
                 group = slice(i * g, (i + 1) * g)
                 if cfg.dynamic_sampling and scores.is_flat(group) and len(kept_rows) < want:
@@ -350,6 +363,8 @@ class GRPOTrainer(WeightSync):
 
     def _reset_reference(self) -> None:
         """Copies the policy into the reference (a local module, or a remote one through ``update_weights``)."""
+        if self._work_ahead is not None:
+            self._work_ahead.discard_reference()  # computed (or computing) with the reference being replaced
         if isinstance(self.ref_model, nn.Module):
             self.ref_model.load_state_dict(self.policy.state_dict())
             return
@@ -360,18 +375,33 @@ class GRPOTrainer(WeightSync):
         if self.dp.is_main:  # a remote reference serves rank 0
             self.ref_model.update_weights(named)
 
-    def _ref_logprobs(self, batch: Trajectories) -> Tensor:
+    def _prefetches_reference(self) -> bool:
+        """Whether the batch being sampled ahead gets its reference log-probs early (:mod:`grpo.prefetch`): with
+        a remote reference that no reset replaces before that batch trains."""
+        cfg = self.config
+        reset_due = bool(cfg.ref_reset_every) and (self.step_count + 1) % cfg.ref_reset_every == 0
+        return cfg.beta > 0 and self.ref_model is not None and not isinstance(self.ref_model, nn.Module) and \
+            not reset_due
+
+    def _remote_reference(self, input_ids: Tensor, attention_mask: Tensor, completion_len: int) -> Tensor:
+        return self.ref_model.logprobs(input_ids, attention_mask, completion_len,
+                                       chunk_size=self.config.logprob_chunk_size,
+                                       temperature=self.config.temperature or 1.0,
+                                       share_prompts=self.config.share_prompts)
+
+    def _ref_logprobs(self, batch: Trajectories, ahead: WorkAhead | None = None) -> Tensor:
+        """``[N, T]`` the reference's log-probs of ``batch`` (those prefetched ``ahead`` when they are of it)."""
         if isinstance(self.ref_model, nn.Module):
             return self._batched_logprobs(self.ref_model, batch)
         logp = None
         if self.dp.is_main:  # a remote reference serves rank 0
-            logp = self.ref_model.logprobs(batch.input_ids, batch.attention_mask, batch.completion_len,
-                                           chunk_size=self.config.logprob_chunk_size,
-                                           temperature=self.config.temperature or 1.0,
-                                           share_prompts=self.config.share_prompts)
+            logp = ahead.reference_logprobs(batch.input_ids, batch.attention_mask) if ahead is not None else None
+            self._prefetch_used = logp is not None
+            if logp is None:
+                logp = self._remote_reference(batch.input_ids, batch.attention_mask, batch.completion_len)
         return self.dp.broadcast(logp)
 
-    def _reference_logprobs(self, batch: Trajectories) -> Trajectories:
+    def _reference_logprobs(self, batch: Trajectories, ahead: WorkAhead | None = None) -> Trajectories:
         cfg = self.config
         on_policy = cfg.updates_per_batch == 1 and cfg.minibatch_size == cfg.batch_size
         if not on_policy:
@@ -382,8 +412,9 @@ class GRPOTrainer(WeightSync):
             if batch.engine_logp is not None:  # one correction for the whole batch, every rank alike
                 weight = self._correct(batch.old_logp, batch.engine_logp, batch.completion_mask, reduce=False)
                 batch = batch.replace(pg_weight=weight)
+        self._prefetch_used = False
         if cfg.beta > 0:
-            batch = batch.replace(ref_logp=self._ref_logprobs(batch))
+            batch = batch.replace(ref_logp=self._ref_logprobs(batch, ahead))
         return batch
 
     # -- update ----------------------------------------------------------------------------------------
@@ -487,8 +518,7 @@ class GRPOTrainer(WeightSync):
         return self.config.moe_aux_coef * sum(self._aux_losses.values(), torch.zeros(()))
 
     # -- metrics ----------------------------------------------------------------------------------------
-    def _rollout_metrics(self, rollouts: list[Rollout], scores: Scores, metrics: dict[str, float]
-                         ) -> dict[str, float]:
+    def _rollout_metrics(self, rollouts: list[Rollout], scores: Scores, seconds: float) -> dict[str, float]:
         total = torch.tensor(scores.total)
         lengths = torch.tensor([float(len(r.completion_ids)) for r in rollouts])
         out = {
@@ -497,7 +527,7 @@ class GRPOTrainer(WeightSync):
             "completion/length_mean": float(lengths.mean()),
             "completion/length_max": float(lengths.max()),
             "completion/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-            "tokens_per_s": float(lengths.sum()) / max(metrics.get("time/generate", 0.0), 1e-9),
+            "tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
         }
         for name, values in scores.breakdown.items():
             valid = [v for v in values if v is not None]

@@ -10,6 +10,7 @@ when built, so importing :mod:`rollout` never imports vLLM.
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -103,19 +104,21 @@ class Rollout:
 
 
 class PendingRollouts:
-    """Rollouts being sampled: :meth:`result` waits for them (see :meth:`RolloutEngine.generate_async`)."""
+    """Rollouts being sampled: :meth:`result` waits for them (see :meth:`RolloutEngine.generate_async`); it may be
+    called from several threads, and every call returns the same list."""
 
     def __init__(self, wait: Callable[[], list[Rollout]]) -> None:
-        self._wait, self._done = wait, None
+        self._wait, self._done, self._lock = wait, None, threading.Lock()
 
     @classmethod
     def done(cls, rollouts: list[Rollout]) -> PendingRollouts:
         return cls(lambda: rollouts)
 
     def result(self) -> list[Rollout]:
-        if self._done is None:
-            self._done = self._wait()
-        return self._done
+        with self._lock:
+            if self._done is None:
+                self._done = self._wait()
+            return self._done
 
 
 class RolloutEngine(abc.ABC):

@@ -214,12 +214,9 @@ class Pipeline:
         if self.policy is None:
             cfg, ray_cfg = self.recipe.model, self.recipe.ray
             n, device = ray_cfg.num_train_workers, self._device()
-            threads = self.threads
-            if ray_cfg.threads_per_worker is None and ray_cfg.train_placement == "pack":
-                threads = max(1, threads // n)  # ranks packed on one node train at once: they share its cores
             self.policy = PolicyGroup.start(
                 n, str(self.current_policy()), cpus=ray_cfg.train_cpus, gpus=self.gpus(ray_cfg.train_gpus),
-                spread=ray_cfg.train_placement == "spread", threads=threads, dtype=cfg.dtype,
+                spread=ray_cfg.train_placement == "spread", threads=self.role_threads()[0], dtype=cfg.dtype,
                 master_dtype=cfg.master_dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing)
         elif self.offloaded:
             self.policy.call("onload")
@@ -233,6 +230,33 @@ class Pipeline:
             self.policy_worker()
         self.offload_idle()
         return self.policy
+
+    def role_threads(self, overlap: bool = False) -> tuple[int, int]:
+        """Torch threads of each trainer rank and of each rollout worker (and reference worker).
+
+        With ``ray.threads_per_worker`` set, that number for both. Else every role takes all the node's cores,
+        since the roles take turns, except that trainer ranks packed on one node share them. With ``overlap``
+        (async rollouts on CPU: the trainer updates while the rollout side samples and scores the next batch),
+        the trainer ranks get half the cores and the rollout side the other half: more busy threads than cores
+        slow every role down several-fold.
+        """
+        cfg = self.recipe.ray
+        if cfg.threads_per_worker is not None:
+            return cfg.threads_per_worker, cfg.threads_per_worker
+        trainer_share = self.threads // 2 if overlap else self.threads
+        packed = cfg.num_train_workers if cfg.train_placement == "pack" else 1
+        rollout_share = self.threads - trainer_share if overlap else self.threads
+        return max(1, trainer_share // packed), max(1, rollout_share // (cfg.num_rollout_workers if overlap else 1))
+
+    def use_threads(self, overlap: bool) -> int:
+        """Sets the trainer ranks' and rollout workers' threads to :meth:`role_threads`; returns the rollout side's
+        (for the stage's reference worker)."""
+        import ray
+
+        trainer, rollout = self.role_threads(overlap and self._device() == "cpu")
+        self.policy_worker().call("set_threads", trainer)
+        ray.get([w.set_threads.remote(rollout) for w in self.rollouts])
+        return rollout
 
     def rollout_workers(self, engine: str) -> list[Any]:
         """The rollout workers for a stage, awake: the existing ones when they run ``engine``, else new ones (an
@@ -248,7 +272,7 @@ class Pipeline:
             cfg = self.recipe.ray
             actor = remote(RolloutWorker, num_cpus=cfg.rollout_cpus, num_gpus=self.gpus(cfg.rollout_gpus),
                            scheduling_strategy="SPREAD")
-            self.rollouts = [actor.remote(str(self.current_policy()), engine=engine, threads=self.threads,
+            self.rollouts = [actor.remote(str(self.current_policy()), engine=engine, threads=self.role_threads()[1],
                                           dtype=self.recipe.model.dtype, device=self._device())
                              for _ in range(cfg.num_rollout_workers)]
         else:

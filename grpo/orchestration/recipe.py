@@ -63,7 +63,8 @@ class RayConfig:
             through host memory) or ``collective`` (a ``torch.distributed`` broadcast, NCCL between GPUs);
             see :mod:`grpo.orchestration.transport`.
         threads_per_worker: torch threads of each actor (None: all cores of its node; the roles take turns,
-            so each may use them all, and trainer ranks packed on one node share them).
+            so each may use them all, and trainer ranks packed on one node share them; in an RL stage with
+            ``async_rollouts`` on CPU the trainer and the rollout side compute at once and get half each).
     """
 
     address: str | None = None

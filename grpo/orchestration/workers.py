@@ -7,8 +7,7 @@
 * :class:`RewardWorker` — rule rewards and reward models combined into one weighted score.
 
 The classes are plain Python; :func:`remote` turns one into a Ray actor class, so tests can also use them
-in-process. The proxies (:class:`RolloutGroup`, :class:`RemoteReward`, :class:`RemoteReference`) implement
-the interfaces the trainer expects on top of actor handles.
+in-process. The trainer talks to them through :mod:`grpo.orchestration.proxies`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from grpo.logprobs import sequence_logprobs
 from grpo.orchestration import feed, transport
 from grpo.orchestration.checkpointing import StepCheckpoints, atomic_dir
 from grpo.orchestration.console import capture_worker_output
-from grpo.orchestration.transport import WEIGHT_TRANSPORTS
+from grpo.orchestration.proxies import RemoteReference, RemoteReward, RolloutGroup
 from grpo.trainer import GRPOTrainer, encode_prompt
 from model.distributed import SINGLE, DataParallel, is_sharded, shard_model, whole_state
 from model.registry import Registry
@@ -40,7 +39,7 @@ from rewards.combine import RewardSpec, combine
 from rewards.registry import get_reward
 from rewards.rm_train import train_reward_model_from_checkpoint
 from rewards.rules import AccuracyReward
-from rollout.base import PendingRollouts, Rollout, RolloutEngine, SamplingConfig, build_engine
+from rollout.base import Rollout, RolloutEngine, SamplingConfig, build_engine
 from rollout.loading import load_causal_lm, load_tokenizer, meta_causal_lm
 from rollout.offload import Offloader
 from rollout.vllm_engine import expected_weights
@@ -83,108 +82,6 @@ def save_policy(model: torch.nn.Module, path: str | Path, tokenizer: Any,
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
-
-
-# ------------------------------------------------------------------------------------------------ proxies
-class RolloutGroup(RolloutEngine):
-    """One engine made of several rollout workers: prompts are split into contiguous shares, one per worker.
-
-    Args:
-        workers: The rollout workers' actor handles.
-        transport: How weights reach them (a :data:`grpo.orchestration.transport.WEIGHT_TRANSPORTS` name).
-    """
-
-    def __init__(self, workers: Sequence[Any], transport: str = "object_store") -> None:
-        import ray
-
-        self._ray = ray
-        self.workers = list(workers)
-        self.transport = WEIGHT_TRANSPORTS.get(transport)(self.workers)
-
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[Rollout]:
-        return self.generate_async(prompt_token_ids, sampling).result()
-
-    def generate_async(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig
-                       ) -> PendingRollouts:
-        """Starts every worker on its share and returns at once; the workers keep their calls in order, so a
-        later weight update waits for this generation."""
-        share = -(-len(prompt_token_ids) // len(self.workers))
-        futures, offsets = [], []
-        for i, worker in enumerate(self.workers):
-            part = list(prompt_token_ids[i * share:(i + 1) * share])
-            if part:
-                futures.append(worker.generate.remote(part, sampling))
-                offsets.append(i * share)
-
-        def wait() -> list[Rollout]:
-            out: list[Rollout] = []
-            for offset, rollouts in zip(offsets, self._ray.get(futures)):
-                for r in rollouts:
-                    r.prompt_index += offset
-                out.extend(rollouts)
-            return out
-
-        return PendingRollouts(wait)
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        bucket = list(named_tensors)
-        if bucket:
-            self.transport.send(bucket)
-
-    def accepted_weights(self) -> dict[str, tuple[int, ...]] | None:
-        return self._ray.get(self.workers[0].accepted_weights.remote())  # every worker loads the same folder
-
-    def weight_reports(self, names: Sequence[str], probe_ids: Sequence[int]) -> list[Any]:
-        reports = self._ray.get([w.weight_report.remote(list(names), list(probe_ids)) for w in self.workers])
-        return [dataclasses.replace(r, where=f"rollout worker {i}: {r.where}") for i, r in enumerate(reports)]
-
-    @property
-    def description(self) -> str:
-        return self._ray.get(self.workers[0].description.remote())
-
-    def can_return_logprobs(self, sampling: SamplingConfig) -> bool:
-        return self._ray.get(self.workers[0].can_return_logprobs.remote(sampling))
-
-    @property
-    def can_record_routing(self) -> bool:
-        return all(self._ray.get([w.can_record_routing.remote() for w in self.workers]))
-
-    @property
-    def logprobs_match_trainer(self) -> bool:
-        return all(self._ray.get([w.logprobs_match_trainer.remote() for w in self.workers]))
-
-    def sleep(self) -> None:
-        self._ray.get([w.sleep.remote() for w in self.workers])
-
-    def wake_up(self) -> None:
-        self._ray.get([w.wake_up.remote() for w in self.workers])
-
-
-class RemoteReward:
-    """A reward callable (``f(prompts, completions, **columns)``) that scores on a :class:`RewardWorker`."""
-
-    def __init__(self, worker: Any) -> None:
-        import ray
-
-        self._ray, self.worker = ray, worker
-
-    def __call__(self, prompts: list, completions: list, **columns: Any) -> Any:
-        return self._ray.get(self.worker.score.remote(prompts, completions, columns))
-
-
-class RemoteReference:
-    """The trainer's view of a :class:`ReferenceWorker`."""
-
-    def __init__(self, worker: Any) -> None:
-        import ray
-
-        self._ray, self.worker = ray, worker
-
-    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_len: int, **kw: Any) -> Tensor:
-        return self._ray.get(self.worker.logprobs.remote(input_ids, attention_mask, completion_len, **kw))
-
-    def update_weights(self, named: list[tuple[str, Tensor]]) -> None:
-        self._ray.get(self.worker.update_weights.remote([(n, t.detach().cpu()) for n, t in named]))
 
 
 # ------------------------------------------------------------------------------------------------ engines
@@ -246,8 +143,8 @@ class RolloutWorker:
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         return self.engine.generate(prompt_token_ids, sampling)
 
-    def update_weights(self, named: list[tuple[str, Tensor]]) -> None:
-        self.engine.update_weights(named)
+    def update_weights(self, wire: transport.Wire) -> None:
+        self.engine.update_weights(transport.from_wire(wire))
 
     def join_weight_group(self, host: str, port: int, rank: int, world: int, device_type: str) -> None:
         """Joins trainer rank 0's weight broadcast group (the ``collective`` transport)."""
@@ -285,6 +182,9 @@ class RolloutWorker:
     def wake_up(self) -> None:
         self.engine.wake_up()
 
+    def set_threads(self, threads: int) -> None:
+        _set_threads(threads)
+
     def node_id(self) -> str:
         import ray
 
@@ -308,7 +208,8 @@ class ReferenceWorker:
                  for i in range(0, len(input_ids), micro_batch_size)]
         return torch.cat(parts)
 
-    def update_weights(self, named: list[tuple[str, Tensor]]) -> None:
+    def update_weights(self, wire: transport.Wire) -> None:
+        named = transport.from_wire(wire)
         loader = getattr(self.model, "load_hf_weights", None)
         if loader is not None:
             loader(named)
@@ -505,6 +406,9 @@ class PolicyWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def set_threads(self, threads: int) -> None:
+        _set_threads(threads)
 
     def node_id(self) -> str:
         import ray

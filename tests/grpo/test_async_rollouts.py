@@ -2,11 +2,17 @@
 prompts keep their order, and a resumed run trains on exactly what the uninterrupted one does."""
 
 import copy
+import threading
 
 import pytest
+import torch
 
+from grpo.batch import Scores, pad_trajectories
 from grpo.config import GRPOConfig
+from grpo.logprobs import sequence_logprobs
+from grpo.prefetch import WorkAhead
 from grpo.trainer import GRPOTrainer
+from rollout.base import PendingRollouts, Rollout
 from rollout.torch_engine import TorchEngine
 from tests.helpers.tiny import count_target, tiny_llama, word_tokenizer
 
@@ -46,6 +52,9 @@ def test_the_next_batch_is_sampled_before_the_update_with_the_same_prompts_in_or
     trainer = _trainer()
     metrics = _run(trainer, BATCHES)
     assert [m["async/staleness"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]  # the first batch is sampled fresh
+    for m in metrics[1:]:  # the rate of a batch sampled during the last step is per second of this step
+        tokens = m["completion/length_mean"] * 16
+        assert tokens / m["tokens_per_s"] >= 0.5 * m["time/step"] > 10 * m["time/generate"]
     calls = trainer.engine.calls
     assert len(calls) == len(BATCHES)
     encoded = [[tuple(trainer.engine.tokenizer.encode(r["prompt"])) for r in b] for b in BATCHES]
@@ -89,3 +98,68 @@ def test_async_settings_are_validated():
     trainer.step(BATCHES[0], next_rows=BATCHES[1])
     with pytest.raises(RuntimeError, match="not the ones sampled ahead"):
         trainer.step(BATCHES[2])
+
+
+class ThreadedReference:
+    """A remote-style reference (``logprobs`` / ``update_weights``) over a local copy, recording the thread of
+    every call."""
+
+    def __init__(self, model):
+        self.model, self.threads = model.eval().requires_grad_(False), []
+
+    def logprobs(self, input_ids, attention_mask, completion_len, **kw):
+        self.threads.append(threading.current_thread().name)
+        with torch.no_grad():
+            return sequence_logprobs(self.model, input_ids, attention_mask, completion_len, **kw)[0]
+
+    def update_weights(self, named):
+        self.model.load_state_dict(dict(named), strict=False)
+
+
+def _with_reference(monkeypatch=None, **overrides):
+    trainer = _trainer(beta=0.05, **overrides)
+    trainer.ref_model = ThreadedReference(copy.deepcopy(trainer.policy))
+    if monkeypatch is not None:  # the same run with the prefetch off
+        monkeypatch.setattr(trainer, "_prefetches_reference", lambda: False)
+    return trainer
+
+
+@pytest.mark.parametrize("reset_every", [0, 2])
+def test_the_reference_log_probs_of_the_batch_sampled_ahead_are_computed_while_the_step_trains(monkeypatch,
+                                                                                               reset_every):
+    prefetching = _with_reference(ref_reset_every=reset_every)
+    got = _run(prefetching, BATCHES)
+    plain = _run(_with_reference(monkeypatch, ref_reset_every=reset_every), BATCHES)
+    # no reset: every batch after the first was prefetched; a reset after step 2 replaces the reference, so the
+    # batch sampled during it is not prefetched (it would hold the old reference's log-probs)
+    want = [0.0, 1.0, 1.0, 1.0] if not reset_every else [0.0, 1.0, 0.0, 1.0]
+    assert [m["async/reference_prefetched"] for m in got] == want
+    threads = prefetching.ref_model.threads  # (in any order: a prefetch may run beside the step's own call)
+    assert sorted(threads) == sorted("work-ahead" if w else "MainThread" for w in want)
+    assert [m["async/scores_prefetched"] for m in got] == [0.0, 1.0, 1.0, 1.0]  # scores: with or without reset
+    for a, b in zip(got, plain):  # the same reference log-probs, so the same KL and update
+        for key in ("kl", "loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def test_work_ahead_is_used_only_for_what_it_computed_and_its_errors_reach_the_trainer():
+    rollouts = [Rollout([1, 2], [3, 4, 5], [], "stop")]
+    scores = Scores([1.0])
+    work = WorkAhead(PendingRollouts.done(rollouts), lambda done: scores,
+                     lambda ids, attn, t: torch.zeros(len(ids), t), 0)
+    ids, attn, _ = pad_trajectories([[1, 2]], [[3, 4, 5]], 0)
+    assert work.scores(rollouts) is scores
+    assert work.scores([Rollout([1, 2], [3, 4, 5], [], "stop")]) is None  # other rollouts, even if equal
+    assert work.reference_logprobs(ids, attn).shape == (1, 3)
+    assert work.reference_logprobs(ids.flip(1), attn) is None  # other tokens: the trainer computes them itself
+    assert work.reference_logprobs(ids[:, :-1], attn[:, :-1]) is None
+    work.discard_reference()  # the reference was replaced
+    assert work.reference_logprobs(ids, attn) is None and work.scores(rollouts) is scores
+
+    def broken(*args):
+        raise RuntimeError("reward worker died")
+
+    failed = WorkAhead(PendingRollouts.done(rollouts), broken, None, 0)
+    with pytest.raises(RuntimeError, match="reward worker died"):
+        failed.scores(rollouts)
+    assert WorkAhead(PendingRollouts.done(rollouts), lambda d: scores, None, 0).reference_logprobs(ids, attn) is None

@@ -55,12 +55,13 @@ def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
     g = dataclasses.replace(cfg.grpo, seed=p.recipe.seed + cfg.grpo.seed)
     policy = p.policy_worker()
     rollouts = p.rollout_workers(cfg.engine)
+    rollout_threads = p.use_threads(overlap=g.async_rollouts)
     reward = remote(RewardWorker, num_cpus=0.25).remote(p.resolve_rewards(cfg.rewards), cfg.reward_mode,
                                                         threads=1, process=g.advantage == "process")
     reference = None
     if g.beta > 0:
         actor = remote(ReferenceWorker, num_cpus=0.25, num_gpus=p.gpus(p.recipe.ray.reference_gpus))
-        reference = actor.remote(str(p.current_policy()), threads=p.threads, dtype=p.recipe.model.dtype,
+        reference = actor.remote(str(p.current_policy()), threads=rollout_threads, dtype=p.recipe.model.dtype,
                                  device=p._device())
     policy.call("start_rl", g, rollouts, reward, reference, p.recipe.ray.weight_transport)
     state_dir = str(p.run_dir / "state" / phase)
@@ -91,6 +92,7 @@ def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
         if (step + 1) % p.recipe.checkpoint_every == 0 or step + 1 == cfg.steps:
             policy.call("save_rl_state", state_dir, step + 1, {"sampler": sampler.state(), "upcoming": upcoming})
     display.close()
+    p.use_threads(overlap=False)
     policy.call("save_pretrained", str(p.ckpt(phase)))
     for worker in (reward, reference):
         if worker is not None:

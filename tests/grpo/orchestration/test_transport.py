@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from grpo.orchestration.recipe import RecipeError, load_recipe
-from grpo.orchestration.transport import pack, unpack
+from grpo.orchestration.transport import from_wire, pack, to_wire, unpack
 from model import DeepSeekConfig, DeepSeekForCausalLM, build_tokenizer
 from rollout.weights import bucketed, named_weights
 from tests.helpers import ROOT
@@ -24,6 +24,19 @@ def test_pack_and_unpack_round_trip_a_bucket_of_mixed_dtypes():
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+def test_the_object_store_wire_format_round_trips_dtypes_shapes_and_strided_tensors():
+    base = torch.randn(4, 6)
+    bucket = [("a", base[:, ::2]), ("b", torch.arange(5)), ("c", torch.randn(2, 3).to(torch.bfloat16)),
+              ("d", torch.randn(())), ("e", torch.tensor([True, False])), ("f", torch.empty(0, 3))]
+    wire = to_wire(bucket)
+    assert all(raw.dtype.name == "uint8" for _, raw, _, _ in wire)  # raw bytes: Ray stores them out of band
+    assert wire[1][1].__array_interface__["data"][0] == bucket[1][1].data_ptr()  # contiguous: a view, no copy
+    out = from_wire(wire)
+    assert [n for n, _ in out] == [n for n, _ in bucket]
+    for (_, got), (_, want) in zip(out, bucket):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+
+
 def test_an_unknown_transport_is_a_recipe_error():
     with pytest.raises(RecipeError, match=r"weight_transport must be one of \['collective', 'object_store'\]"):
         load_recipe(None, ["ray.weight_transport=pigeon"])
@@ -33,7 +46,8 @@ def test_an_unknown_transport_is_a_recipe_error():
 def test_the_collective_transport_pushes_what_the_object_store_and_a_fresh_engine_hold(tmp_path):
     import ray
 
-    from grpo.orchestration.workers import RolloutGroup, RolloutWorker, remote
+    from grpo.orchestration.proxies import RolloutGroup
+    from grpo.orchestration.workers import RolloutWorker, remote
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)

@@ -44,6 +44,9 @@ GRPO_CASES: dict[str, dict[str, Any]] = {
                                                  micro_batch_size=2),
     "moe token-mean balance loss": dict(model="moe", loss_agg="token-mean", minibatch_size=12, micro_batch_size=4,
                                         moe_aux_coef=0.01, moe_bias_gamma=1e-3),
+    # one-step off-policy: rank 0 samples the next batch before the update, every rank applies its correction
+    "moe async rollouts": dict(model="moe", loss_agg="token-mean", minibatch_size=12, micro_batch_size=4,
+                               moe_bias_gamma=1e-3, async_rollouts=True),
 }
 STEPS = 3
 
@@ -91,7 +94,11 @@ def grpo_case(dp: DataParallel, model: str, **settings: Any) -> dict[str, Any]:
                         seed=0, **settings)
     trainer = GRPOTrainer(policy, engine, count_target if dp.is_main else None, tokenizer, config, ref_model=ref,
                           dp=dp)
-    steps = [trainer.step(PROMPT_ROWS) for _ in range(STEPS)]
+    ahead = settings.get("async_rollouts", False)  # the next step's rows: sampled during this step's update
+    steps = [trainer.step(PROMPT_ROWS, next_rows=PROMPT_ROWS if ahead and k + 1 < STEPS else None)
+             for k in range(STEPS)]
+    if ahead and dp.is_main:
+        assert [m["async/staleness"] for m in steps] == [0.0, 1.0, 1.0] and trainer.correction == "tis"
     engine_state = {n: t.clone() for n, t in engine.model.state_dict().items()} if dp.is_main else None
     return {"losses": [m["loss"] for m in steps], "grad_norms": [m["grad_norm"] for m in steps],
             "aux": [m["moe_aux_loss"] for m in steps], "initial": initial, "state": _whole_state(policy),

@@ -6,12 +6,14 @@ import copy
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
 from grpo.config import GRPOConfig
+from grpo.orchestration.controller import Pipeline
 from grpo.orchestration.recipe import RecipeError, load_recipe
 from grpo.trainer import GRPOTrainer
 from rollout.torch_engine import TorchEngine
@@ -150,3 +152,17 @@ def test_a_stage_engine_is_honoured_after_an_earlier_stage_built_workers(tmp_pat
         assert names == ["OtherEngine"] * len(pipeline.rollouts)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize("overrides, cores, want_sync, want_async", [
+    ([], 2, (2, 2), (1, 1)),  # the roles take turns; async: trainer and rollout side compute at once
+    ([], 16, (16, 16), (8, 8)),
+    (["ray.num_train_workers=2", "ray.num_rollout_workers=2"], 16, (8, 16), (4, 4)),  # packed ranks share
+    (["ray.num_train_workers=2", "ray.train_placement=spread"], 16, (16, 16), (8, 8)),
+    (["ray.threads_per_worker=3"], 16, (3, 3), (3, 3)),  # set: what runs
+])
+def test_threads_per_role_split_the_cores_when_async_rollouts_overlap_the_roles(overrides, cores, want_sync,
+                                                                                want_async):
+    pipeline = SimpleNamespace(recipe=load_recipe(None, overrides), threads=cores)
+    assert Pipeline.role_threads(pipeline) == want_sync
+    assert Pipeline.role_threads(pipeline, overlap=True) == want_async

@@ -7,8 +7,8 @@ per minute come from the trainer's own step time (``time/step``, which in async 
 generation that overlapped the update), the first step left out; the gain is the report's stage-1 accuracy gain
 over SFT (held-out greedy accuracy, points). Both modes run one after the other on the same machine.
 
-Run: ``python benchmarks/bench_async.py [--recipe tiny] [--out runs/async] [key=value ...]`` (about 15 minutes
-for the tiny recipe on a 2-core CPU).
+Run: ``python benchmarks/bench_async.py [--recipe tiny] [--out runs/async] [key=value ...]`` (about 10 minutes
+for the tiny recipe on a 2-core CPU, half of it the SFT run, which a later run in the same ``--out`` reuses).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ on trainer rank 0 that waits for the rollouts, then has them scored and, when as
 reference. Step k+1 takes what it computed: the scores if they are of the very rollouts it trains on, the
 log-probs if they are of exactly its sequences (the same token ids and attention mask); otherwise it computes
 them itself. A reset of the reference (``ref_reset_every``) discards log-probs computed with the old one. So a
-step trains on the same numbers as without the prefetch; the reward functions are only called one step earlier
-relative to the updates (still once per batch, in order).
+step trains on the same numbers as without the prefetch. The trainer starts the thread once it has scored its
+own batch, so the reward functions still see one call at a time, once per batch and in order: only earlier
+relative to the updates.
 """
 
 from __future__ import annotations

@@ -166,10 +166,11 @@ class GRPOTrainer(WeightSync):
             if cfg.async_rollouts and next_rows is not None:
                 ahead = ahead or self._launch(rows)  # queued before the next batch on the workers
                 self._pending = (list(next_rows), self._launch(next_rows))
+            rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer, ahead, work)
+            if self._pending is not None:  # started after this batch is scored: the reward sees batches in order
                 self._work_ahead = WorkAhead(self._pending[1], lambda done: self.score(next_rows, done),
                                              self._remote_reference if self._prefetches_reference() else None,
                                              self.pad_id)
-            rows, rollouts, scores = self._sample_and_score(rows, refill, metrics, timer, ahead, work)
             with timer("advantages"):
                 rewards = torch.tensor(scores.total, dtype=torch.float32)
                 batch = self._trajectories(rollouts, self._advantages(rollouts, scores), rewards)

@@ -3,6 +3,7 @@ prompts keep their order, and a resumed run trains on exactly what the uninterru
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -163,3 +164,22 @@ def test_work_ahead_is_used_only_for_what_it_computed_and_its_errors_reach_the_t
     with pytest.raises(RuntimeError, match="reward worker died"):
         failed.scores(rollouts)
     assert WorkAhead(PendingRollouts.done(rollouts), lambda d: scores, None, 0).reference_logprobs(ids, attn) is None
+
+
+def test_the_reward_sees_the_batches_in_order_one_call_at_a_time():
+    calls, busy = [], threading.Lock()
+
+    def slow_reward(prompts, completions, **columns):
+        assert busy.acquire(blocking=False), "the reward was called while another call was running"
+        try:
+            time.sleep(0.05)  # a window for a second call to overlap this one
+            calls.append(prompts[0])
+            return count_target(prompts, completions, **columns)
+        finally:
+            busy.release()
+
+    trainer = _trainer()
+    trainer.reward_fn = slow_reward
+    metrics = _run(trainer, BATCHES)
+    assert calls == [b[0]["prompt"] for b in BATCHES]
+    assert [m["async/scores_prefetched"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.moe import naive_moe_layer
-from kernels.token_logprobs import naive_token_logprobs
+import grpo_kernels
+from grpo_kernels.moe import naive_moe_layer
+from grpo_kernels.token_logprobs import naive_token_logprobs
 
 Outputs = tuple[torch.Tensor, ...]
 
@@ -140,8 +140,8 @@ def token_logprobs_cases(n: int, h: int, v: int, dtype, device, compile_naive: b
 
     impls: list[tuple[str, Callable]] = []
     if triton:
-        impls.append(("triton", with_backend("triton", lambda *a: kernels.token_logprobs(*a))))
-    impls.append(("torch reference (chunked)", with_backend("torch", lambda *a: kernels.token_logprobs(*a))))
+        impls.append(("triton", with_backend("triton", lambda *a: grpo_kernels.token_logprobs(*a))))
+    impls.append(("torch reference (chunked)", with_backend("torch", lambda *a: grpo_kernels.token_logprobs(*a))))
     impls.append(("naive eager", lambda *a: naive_token_logprobs(*a)))
     if compiled is not None:
         impls.append(("torch.compile(naive)", lambda *a: compiled(*a)))
@@ -153,12 +153,12 @@ def token_logprobs_cases(n: int, h: int, v: int, dtype, device, compile_naive: b
 
 def grouped_mm_layer(hidden, expert_ids, weights, w_gate_up, w_down):
     """Our permutation around ``torch._grouped_mm`` (cuBLAS grouped GEMM), when this torch has it."""
-    permuted, order, counts = kernels.moe_permute(hidden, expert_ids, w_gate_up.shape[0])
+    permuted, order, counts = grpo_kernels.moe_permute(hidden, expert_ids, w_gate_up.shape[0])
     offs = torch.cumsum(counts, 0).to(torch.int32)
     gu = torch._grouped_mm(permuted, w_gate_up.transpose(1, 2), offs=offs)
     gate, up = gu.chunk(2, dim=-1)
     out = torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)
-    return kernels.moe_unpermute(out, order, weights)
+    return grpo_kernels.moe_unpermute(out, order, weights)
 
 
 def moe_cases(t, k, e, h, i, dtype, device, compile_naive: bool, triton: bool) -> list[Case]:
@@ -173,8 +173,8 @@ def moe_cases(t, k, e, h, i, dtype, device, compile_naive: bool, triton: bool) -
     upstream = (torch.randn(t, h, device=device, generator=g),)
 
     def layer(hidden, expert_ids, weights, w_gate_up, w_down):
-        permuted, order, counts = kernels.moe_permute(hidden, expert_ids, e)
-        return kernels.moe_unpermute(kernels.grouped_mlp(permuted, counts, w_gate_up, w_down), order, weights)
+        permuted, order, counts = grpo_kernels.moe_permute(hidden, expert_ids, e)
+        return grpo_kernels.moe_unpermute(grpo_kernels.grouped_mlp(permuted, counts, w_gate_up, w_down), order, weights)
 
     def case_fns(fn):
         def fwd():
@@ -220,8 +220,8 @@ def mla_cases(b, hq, s, dc, dr, dtype, device, compile_naive: bool, triton: bool
 
     impls: list[tuple[str, Callable]] = []
     if triton:
-        impls.append(("triton", with_backend("triton", lambda *a: kernels.mla_decode(*a, scale))))
-    impls.append(("torch reference", with_backend("torch", lambda *a: kernels.mla_decode(*a, scale))))
+        impls.append(("triton", with_backend("triton", lambda *a: grpo_kernels.mla_decode(*a, scale))))
+    impls.append(("torch reference", with_backend("torch", lambda *a: grpo_kernels.mla_decode(*a, scale))))
     if compile_naive:
         impls.append(("torch.compile(naive)", torch.compile(naive)))
     name = f"mla_decode B={b} Hq={hq} S={s} d_c={dc} d_r={dr} {str(dtype).removeprefix('torch.')}"

@@ -1,7 +1,7 @@
 """Per-token log-probs and entropy of completions under a causal LM, never holding all ``[N, T, V]`` logits.
 
 The model's backbone (``model.get_decoder()``) runs on the whole sequence; only the hidden states that
-predict completion tokens go through the LM head, inside :func:`kernels.token_logprobs`, which works in chunks
+predict completion tokens go through the LM head, inside :func:`grpo_kernels.token_logprobs`, which works in chunks
 of tokens and recomputes each chunk's logits in the backward pass. Position ids come from the attention mask
 (``cumsum - 1``), so left-padded prompts see the same positions as unpadded ones. A prompt shared by several
 rows (a prompt and its G samples) is computed once: by a backbone with ``supports_shared_prefix`` (ours) in one
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-import kernels
+import grpo_kernels
 from model.distributed import is_sharded, run_in_root
 
 __all__ = ["LMHead", "lm_head_of", "sequence_logprobs"]
@@ -225,7 +225,7 @@ def _fused_logprobs(model: nn.Module, head: LMHead, batch: _Batch, kw: dict[str,
     if head.bias is not None:
         hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)  # [M, H+1]
         weight = torch.cat([weight, head.bias.to(weight.dtype)[:, None]], dim=1)  # [V, H+1]
-    return kernels.token_logprobs(hidden, weight, batch.labels, **kw)
+    return grpo_kernels.token_logprobs(hidden, weight, batch.labels, **kw)
 
 
 def _full_logits_logprobs(model: nn.Module, batch: _Batch, kw: dict[str, Any]) -> Pair:
@@ -273,7 +273,7 @@ def sequence_logprobs(
         input_ids: Prompt then completion, prompts left-padded, completions right-padded. ``[N, L]``
         attention_mask: 1 at real tokens, 0 at padding. ``[N, L]``
         logits_to_keep: The completion: an int ``T`` (the last ``T`` positions) or a slice of positions.
-        chunk_size: Tokens per LM-head chunk; ``None`` lets :func:`kernels.token_logprobs` choose.
+        chunk_size: Tokens per LM-head chunk; ``None`` lets :func:`grpo_kernels.token_logprobs` choose.
         with_entropy: Also return the entropy of each position's next-token distribution.
         temperature: Logits are divided by it (match the sampling temperature).
         share_prompts: Run a prompt shared by several rows once (same values up to float rounding; a

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import grpo_kernels
 from model import checkpoint as hf_checkpoint
 from model.cache import LatentKVCache
 from model.config import SCORING_FUNCS, TOPK_METHODS, DeepSeekConfig, yarn_get_mscale
@@ -443,7 +443,7 @@ class MLA(nn.Module):
 
     def _attend_one(self, q: Tensor, latent: Tensor, keep: Tensor | None) -> Tensor:
         """One query per row and head over the latents. Where the kernels' backend is Triton (CUDA, or
-        ``KERNELS_BACKEND=triton``) this is :func:`kernels.mla_decode`, the fused split-K decode kernel;
+        ``KERNELS_BACKEND=triton``) this is :func:`grpo_kernels.mla_decode`, the fused split-K decode kernel;
         elsewhere two batched matmuls and a softmax over the joint latents (on CPU the kernel's reference, with
         its two score products, validation and empty-row handling, costs more per call than this one product).
 
@@ -455,10 +455,10 @@ class MLA(nn.Module):
         Returns:
             ``[B, H, d_c]``: the attention-weighted latents.
         """
-        if kernels.backend(q.device) == "triton":  # the fused decode kernel (CUDA, or KERNELS_BACKEND=triton)
+        if grpo_kernels.backend(q.device) == "triton":  # the fused decode kernel (CUDA, or KERNELS_BACKEND=triton)
             d_c = self.kv_lora_rank
             mask = None if keep is None else keep.view(keep.shape[0], -1)  # [B, S]
-            return kernels.mla_decode(q[..., :d_c], q[..., d_c:], latent[..., :d_c], latent[..., d_c:], mask,
+            return grpo_kernels.mla_decode(q[..., :d_c], q[..., d_c:], latent[..., :d_c], latent[..., d_c:], mask,
                                       self.scale)
         keys = latent.transpose(1, 2)  # [B, d_c + d_h^R, S]
         if keep is None:
@@ -733,10 +733,10 @@ def _experts_grouped_mm(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable
 
 def _experts_triton(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable[[Tensor], Tensor],
                     counts: Tensor) -> Tensor:
-    """The same with :func:`kernels.grouped_mlp` (Triton's grouped GEMM, fused SwiGLU); SwiGLU experts only."""
+    """The same with :func:`grpo_kernels.grouped_mlp` (Triton's grouped GEMM, fused SwiGLU); SwiGLU experts only."""
     if act is not F.silu:
         raise ValueError("the grouped-GEMM kernel computes SwiGLU experts (hidden_act 'silu'); use impl 'loop'")
-    return kernels.grouped_mlp(xs, counts, gate_up, down)
+    return grpo_kernels.grouped_mlp(xs, counts, gate_up, down)
 
 
 def _experts_auto(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable[[Tensor], Tensor],
@@ -744,7 +744,7 @@ def _experts_auto(xs: Tensor, gate_up: Tensor, down: Tensor, act: Callable[[Tens
     """The Triton grouped GEMM where the kernels' backend is Triton (CUDA, or ``KERNELS_BACKEND=triton``) and the
     experts are SwiGLU; else ``grouped_mm`` on CUDA and ``loop`` elsewhere (what measured fastest on those;
     ``benchmarks/bench_model.py``)."""
-    if act is F.silu and kernels.backend(xs.device) == "triton":
+    if act is F.silu and grpo_kernels.backend(xs.device) == "triton":
         return _experts_triton(xs, gate_up, down, act, counts)
     impl = _experts_grouped_mm if xs.is_cuda else _experts_loop
     return impl(xs, gate_up, down, act, counts)
@@ -1081,7 +1081,7 @@ class DeepSeekForCausalLM(nn.Module):
     def set_experts_impl(self, name: str) -> None:
         """Chooses the routed-expert kernel: ``auto`` (default: the Triton grouped GEMM where the kernels'
         backend is Triton, else ``grouped_mm`` on CUDA and ``loop`` elsewhere), ``loop`` (per-expert matmuls over
-        slices), ``grouped_mm`` (``torch._grouped_mm``) or ``triton`` (:func:`kernels.grouped_mlp`)."""
+        slices), ``grouped_mm`` (``torch._grouped_mm``) or ``triton`` (:func:`grpo_kernels.grouped_mlp`)."""
         if name not in EXPERT_IMPLS:
             raise ValueError(f"experts impl: expected one of {', '.join(EXPERT_IMPLS)}, got {name!r}")
         for module in self.modules():

@@ -1,7 +1,7 @@
 """The shape of the codebase: layers that only point down, no import cycles, imports at the top of modules, and
 modules and functions small enough to read.
 
-The layers, bottom up: ``kernels`` and ``model``; then ``rollout``, ``rewards`` and ``sft``; then ``grpo``. A
+The layers, bottom up: ``grpo_kernels`` and ``model``; then ``rollout``, ``rewards`` and ``sft``; then ``grpo``. A
 package imports only packages of its own layer or below (``grpo`` may import all of them; none of them imports
 ``grpo``). Imports inside functions are kept for optional heavy dependencies only.
 """
@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("model", "kernels", "rollout", "rewards", "sft", "grpo")
+PACKAGES = ("model", "grpo_kernels", "rollout", "rewards", "sft", "grpo")
 ALLOWED = {  # package -> the toolkit packages it may import
-    "kernels": set(),
-    "model": {"kernels"},
-    "rollout": {"model", "kernels"},
-    "rewards": {"model", "kernels"},
-    "sft": {"model", "kernels"},
-    "grpo": {"model", "kernels", "rollout", "rewards", "sft"},
+    "grpo_kernels": set(),
+    "model": {"grpo_kernels"},
+    "rollout": {"model", "grpo_kernels"},
+    "rewards": {"model", "grpo_kernels"},
+    "sft": {"model", "grpo_kernels"},
+    "grpo": {"model", "grpo_kernels", "rollout", "rewards", "sft"},
 }
 # Optional or heavy dependencies a function may import when it needs them (not every run has or wants them).
-LAZY_OK = ("vllm", "ray", "matplotlib", "triton", "trl", "torch.utils.tensorboard", "kernels.triton_impl", "wandb",
+LAZY_OK = ("vllm", "ray", "matplotlib", "triton", "trl", "torch.utils.tensorboard", "grpo_kernels.triton_impl", "wandb",
            "mlflow")
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 60

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 LOG_DIR_ENV = "GRPO_LOG_DIR"
-OUR_PACKAGES = ("grpo", "model", "rollout", "rewards", "sft", "kernels")
+OUR_PACKAGES = ("grpo", "model", "rollout", "rewards", "sft", "grpo_kernels")
 # what a phase's display shows, in order: (metric key, label, format)
 SHOWN: dict[str, tuple[tuple[str, str, str], ...]] = {
     "sft": (("loss", "loss", ".4f"), ("lr", "lr", ".2e"), ("tokens_per_s", "tok/s", ".0f")),

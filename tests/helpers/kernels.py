@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kernels.dispatch import interpreter_enabled, triton_available
+from grpo_kernels.dispatch import interpreter_enabled, triton_available
 
 
 @dataclass(frozen=True)

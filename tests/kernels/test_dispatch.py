@@ -6,32 +6,32 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels.dispatch import BACKEND_ENV, KernelOp, check_triton_device, triton_available
+import grpo_kernels
+from grpo_kernels.dispatch import BACKEND_ENV, KernelOp, check_triton_device, triton_available
 
 
 def test_cpu_defaults_to_torch(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert kernels.backend("cpu") == "torch"
+    assert grpo_kernels.backend("cpu") == "torch"
 
 
 def test_cuda_defaults_to_triton_when_installed(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert kernels.backend("cuda") == ("triton" if triton_available() else "torch")
+    assert grpo_kernels.backend("cuda") == ("triton" if triton_available() else "torch")
 
 
 def test_environment_is_read_per_call(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "torch")
-    assert kernels.backend("cuda") == "torch"
+    assert grpo_kernels.backend("cuda") == "torch"
     if triton_available():
         monkeypatch.setenv(BACKEND_ENV, "Triton ")
-        assert kernels.backend("cpu") == "triton"
+        assert grpo_kernels.backend("cpu") == "triton"
 
 
 def test_bad_environment_value_is_named(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "cuda")
     with pytest.raises(ValueError, match="KERNELS_BACKEND must be one of triton, torch, got 'cuda'"):
-        kernels.backend("cpu")
+        grpo_kernels.backend("cpu")
 
 
 def test_kernel_op_routes_to_the_chosen_backend(monkeypatch):
@@ -52,10 +52,10 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 def test_package_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import kernels, torch\n"
-        "assert 'kernels.triton_impl.token_logprobs' not in sys.modules\n"
+        "import grpo_kernels, torch\n"
+        "assert 'grpo_kernels.triton_impl.token_logprobs' not in sys.modules\n"
         "h = torch.randn(3, 4); w = torch.randn(5, 4)\n"
-        "lp, ent = kernels.token_logprobs(h, w, torch.tensor([0, 1, 4]))\n"
+        "lp, ent = grpo_kernels.token_logprobs(h, w, torch.tensor([0, 1, 4]))\n"
         "print(lp.shape[0])\n"
     )
     out = subprocess.run(

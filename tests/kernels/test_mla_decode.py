@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import grpo_kernels
 from tests.helpers.kernels import (
     DEVICE,
     ON_GPU,
@@ -27,11 +27,11 @@ def test_hand_computed():
     # One sequence, one head, two positions, d_c = d_r = 1.
     q, qr = torch.tensor([[[1.0]]]), torch.tensor([[[2.0]]])
     c, kr = torch.tensor([[[3.0], [-1.0]]]), torch.tensor([[[0.5], [1.0]]])
-    out = kernels.mla_decode(q, qr, c, kr, None, 0.5)
+    out = grpo_kernels.mla_decode(q, qr, c, kr, None, 0.5)
     s0, s1 = 0.5 * (3 + 1), 0.5 * (-1 + 2)  # 2.0, 0.5
     p0 = math.exp(s0) / (math.exp(s0) + math.exp(s1))
     assert out.item() == pytest.approx(p0 * 3 + (1 - p0) * -1, rel=1e-6)
-    masked = kernels.mla_decode(q, qr, c, kr, torch.tensor([[False, True]]), 0.5)
+    masked = grpo_kernels.mla_decode(q, qr, c, kr, torch.tensor([[False, True]]), 0.5)
     assert masked.item() == pytest.approx(-1.0)
 
 
@@ -52,7 +52,7 @@ def test_equals_unabsorbed_attention():
     attend = (torch.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scale)[:, :, 0]  # [B, Hq, dh]
     q_latent = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)
-    out_latent = kernels.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, scale)
+    out_latent = grpo_kernels.mla_decode(q_latent, q_rope, c_kv, k_rope, lengths, scale)
     got = torch.einsum("bhc,hdc->bhd", out_latent, w_uv)
     assert_close(got, want, torch.float64, "absorbed vs un-absorbed")
 
@@ -61,9 +61,9 @@ def test_mask_and_lengths_agree_and_empty_sequence_is_zero():
     q, qr, c, kr = make_inputs(3, 2, 9, 5, 3, torch.float64)
     lengths = torch.tensor([9, 3, 0])
     mask = torch.arange(9)[None, :] < lengths[:, None]
-    by_len = kernels.mla_decode(q, qr, c, kr, lengths, 0.3)
-    by_mask = kernels.mla_decode(q, qr, c, kr, mask, 0.3)
-    truncated = kernels.mla_decode(q[1:2], qr[1:2], c[1:2, :3], kr[1:2, :3], None, 0.3)
+    by_len = grpo_kernels.mla_decode(q, qr, c, kr, lengths, 0.3)
+    by_mask = grpo_kernels.mla_decode(q, qr, c, kr, mask, 0.3)
+    truncated = grpo_kernels.mla_decode(q[1:2], qr[1:2], c[1:2, :3], kr[1:2, :3], None, 0.3)
     assert_close(by_len, by_mask, torch.float64, "lengths vs mask")
     assert_close(by_len[1:2], truncated, torch.float64, "lengths vs truncated cache")
     assert by_len[2].abs().max().item() == 0.0
@@ -88,7 +88,7 @@ def test_bad_input_is_named(kwargs, match):
     args.update(mask=None, scale=1.0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        kernels.mla_decode(args["q"], args["qr"], args["c"], args["kr"], args["mask"], args["scale"])
+        grpo_kernels.mla_decode(args["q"], args["qr"], args["c"], args["kr"], args["mask"], args["scale"])
 
 
 test_triton_in_fresh_process = fresh_process_test(__file__)
@@ -132,9 +132,9 @@ def test_triton_matches_reference(b, hq, s, dc, dr, dtype, kind, monkeypatch):
     mask = make_mask(kind, b, s)
     scale = 1 / math.sqrt(dc // 4 + dr)
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
-    got = kernels.mla_decode(q, qr, c, kr, None if mask is None else mask.to(DEVICE), scale)
+    got = grpo_kernels.mla_decode(q, qr, c, kr, None if mask is None else mask.to(DEVICE), scale)
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
-    want = kernels.mla_decode(*(x.double().cpu() for x in (q, qr, c, kr)), mask, scale)
+    want = grpo_kernels.mla_decode(*(x.double().cpu() for x in (q, qr, c, kr)), mask, scale)
     assert got.dtype == dtype and got.shape == (b, hq, dc)
     assert_close(got.cpu(), want, dtype, "mla decode")
 
@@ -145,7 +145,7 @@ def test_triton_reads_a_strided_cache_in_place(monkeypatch):
     q, qr, c_full, kr_full = make_inputs(2, 3, 40, 16, 8, torch.float32, device=DEVICE)
     c, kr = c_full[:, :29], kr_full[:, :29]  # views of a longer preallocated cache
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
-    got = kernels.mla_decode(q, qr, c, kr, None, 0.2)
+    got = grpo_kernels.mla_decode(q, qr, c, kr, None, 0.2)
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
-    want = kernels.mla_decode(q.double(), qr.double(), c.double(), kr.double(), None, 0.2)
+    want = grpo_kernels.mla_decode(q.double(), qr.double(), c.double(), kr.double(), None, 0.2)
     assert_close(got.cpu(), want.cpu(), torch.float32, "strided cache")

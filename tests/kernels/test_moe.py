@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels.dispatch import triton_available
-from kernels.moe import naive_moe_layer
+import grpo_kernels
+from grpo_kernels.dispatch import triton_available
+from grpo_kernels.moe import naive_moe_layer
 from tests.helpers.kernels import (
     DEVICE,
     ON_GPU,
@@ -39,15 +39,15 @@ def make_moe(t, k, e, h, i, dtype, seed=0, device="cpu", empty_expert=None):
 
 
 def moe_layer(hidden, expert_ids, weights, w_gate_up, w_down, num_experts):
-    permuted, order, counts = kernels.moe_permute(hidden, expert_ids, num_experts)
-    expert_out = kernels.grouped_mlp(permuted, counts, w_gate_up, w_down)
-    return kernels.moe_unpermute(expert_out, order, weights)
+    permuted, order, counts = grpo_kernels.moe_permute(hidden, expert_ids, num_experts)
+    expert_out = grpo_kernels.grouped_mlp(permuted, counts, w_gate_up, w_down)
+    return grpo_kernels.moe_unpermute(expert_out, order, weights)
 
 
 def test_permute_hand_computed():
     hidden = torch.tensor([[1.0], [2.0], [3.0]])
     expert_ids = torch.tensor([[1, 0], [0, 2], [1, 1]])  # flat: 1 0 0 2 1 1
-    permuted, order, counts = kernels.moe_permute(hidden, expert_ids, 4)
+    permuted, order, counts = grpo_kernels.moe_permute(hidden, expert_ids, 4)
     assert order.tolist() == [1, 2, 0, 4, 5, 3]
     assert permuted.squeeze(1).tolist() == [1.0, 2.0, 1.0, 3.0, 3.0, 2.0]
     assert counts.tolist() == [2, 3, 1, 0]
@@ -57,7 +57,7 @@ def test_unpermute_hand_computed():
     order = torch.tensor([1, 2, 0, 4, 5, 3])  # row j holds assignment order[j] = t*K + k
     expert_out = torch.tensor([[10.0], [20.0], [30.0], [40.0], [50.0], [60.0]])
     weights = torch.tensor([[0.5, 0.25], [1.0, 2.0], [0.1, 0.2]])
-    out = kernels.moe_unpermute(expert_out, order, weights)
+    out = grpo_kernels.moe_unpermute(expert_out, order, weights)
     # token 0: slots 0,1 at rows 2,0 -> 0.5*30 + 0.25*10; token 1: rows 1,5; token 2: rows 3,4
     want = [0.5 * 30 + 0.25 * 10, 1.0 * 20 + 2.0 * 60, 0.1 * 40 + 0.2 * 50]
     assert out.squeeze(1).tolist() == pytest.approx(want)
@@ -66,7 +66,7 @@ def test_unpermute_hand_computed():
 def test_grouped_mlp_hand_computed():
     # One expert, H=1, I=1: y = w_down * silu(w_gate * x) * (w_up * x)
     x = torch.tensor([[2.0]], dtype=torch.float64)
-    out = kernels.grouped_mlp(x, torch.tensor([1]), torch.tensor([[[0.5], [3.0]]], dtype=torch.float64),
+    out = grpo_kernels.grouped_mlp(x, torch.tensor([1]), torch.tensor([[[0.5], [3.0]]], dtype=torch.float64),
                               torch.tensor([[[-2.0]]], dtype=torch.float64))  # fmt: skip
     silu = 1.0 / (1 + torch.exp(torch.tensor(-1.0, dtype=torch.float64)))
     assert out.item() == pytest.approx(-2.0 * silu.item() * 6.0, abs=1e-12)
@@ -122,31 +122,31 @@ def test_reference_gradcheck(monkeypatch):
     ("call", "match"),
     [
         (
-            lambda: kernels.moe_permute(torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long), 0),
+            lambda: grpo_kernels.moe_permute(torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long), 0),
             "num_experts",
         ),
-        (lambda: kernels.moe_permute(torch.zeros(3, 2), torch.tensor([[0], [5], [1]]), 4), r"\[0, 4\)"),
+        (lambda: grpo_kernels.moe_permute(torch.zeros(3, 2), torch.tensor([[0], [5], [1]]), 4), r"\[0, 4\)"),
         (
-            lambda: kernels.moe_permute(torch.zeros(3, 2), torch.zeros(2, 1, dtype=torch.long), 4),
+            lambda: grpo_kernels.moe_permute(torch.zeros(3, 2), torch.zeros(2, 1, dtype=torch.long), 4),
             "expert_ids",
         ),
-        (lambda: kernels.moe_permute(torch.zeros(3), torch.zeros(3, 1, dtype=torch.long), 4), "hidden"),
-        (lambda: kernels.moe_unpermute(torch.zeros(5, 2), torch.arange(6), torch.ones(3, 2)), "expert_out"),
-        (lambda: kernels.moe_unpermute(torch.zeros(6, 2), torch.arange(5), torch.ones(3, 2)), "order"),
+        (lambda: grpo_kernels.moe_permute(torch.zeros(3), torch.zeros(3, 1, dtype=torch.long), 4), "hidden"),
+        (lambda: grpo_kernels.moe_unpermute(torch.zeros(5, 2), torch.arange(6), torch.ones(3, 2)), "expert_out"),
+        (lambda: grpo_kernels.moe_unpermute(torch.zeros(6, 2), torch.arange(5), torch.ones(3, 2)), "order"),
         (
-            lambda: kernels.grouped_mlp(
+            lambda: grpo_kernels.grouped_mlp(
                 torch.zeros(4, 2), torch.tensor([1, 2]), torch.zeros(2, 6, 2), torch.zeros(2, 2, 3)
             ),  # fmt: skip
             "sum to M=4",
         ),
         (
-            lambda: kernels.grouped_mlp(
+            lambda: grpo_kernels.grouped_mlp(
                 torch.zeros(3, 2), torch.tensor([1, 2]), torch.zeros(2, 5, 2), torch.zeros(2, 2, 3)
             ),  # fmt: skip
             "w_gate_up",
         ),
         (
-            lambda: kernels.grouped_mlp(
+            lambda: grpo_kernels.grouped_mlp(
                 torch.zeros(3, 2), torch.tensor([1, 2]), torch.zeros(2, 6, 2), torch.zeros(2, 3, 2)
             ),  # fmt: skip
             "w_down",
@@ -185,9 +185,9 @@ def test_triton_permute_unpermute(t, k, e, h, i, dtype, monkeypatch):
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("KERNELS_BACKEND", backend)
-        permuted, order, counts = kernels.moe_permute(hidden, expert_ids, e)
+        permuted, order, counts = grpo_kernels.moe_permute(hidden, expert_ids, e)
         expert_out = permuted * 2 + 1  # something that is not just a copy
-        out = kernels.moe_unpermute(expert_out, order, weights)
+        out = grpo_kernels.moe_unpermute(expert_out, order, weights)
         results[backend] = (permuted.detach(), order, counts, out.detach(), *grads_of(out, [hidden, weights]))
     ref, got = results["torch"], results["triton"]
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
@@ -201,15 +201,15 @@ def test_triton_permute_unpermute(t, k, e, h, i, dtype, monkeypatch):
 def test_triton_grouped_mlp(t, k, e, h, i, dtype, monkeypatch):
     require_triton_in_process()
     hidden, expert_ids, _, w_gu, w_down = make_moe(t, k, e, h, i, dtype, device=DEVICE, empty_expert=1)
-    permuted, _, counts = kernels.moe_permute(hidden.detach(), expert_ids, e)
+    permuted, _, counts = grpo_kernels.moe_permute(hidden.detach(), expert_ids, e)
     permuted.requires_grad_()
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
-    out = kernels.grouped_mlp(permuted, counts, w_gu, w_down)
+    out = grpo_kernels.grouped_mlp(permuted, counts, w_gu, w_down)
     got = (out.detach(), *grads_of(out, [permuted, w_gu, w_down]))
     # Reference in float64 from the same input values.
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     ref_inputs = [x.detach().double().cpu().requires_grad_() for x in (permuted, w_gu, w_down)]
-    ref_out = kernels.grouped_mlp(ref_inputs[0], counts.cpu(), ref_inputs[1], ref_inputs[2])
+    ref_out = grpo_kernels.grouped_mlp(ref_inputs[0], counts.cpu(), ref_inputs[1], ref_inputs[2])
     want = (ref_out.detach(), *grads_of(ref_out, ref_inputs))
     assert got[0].dtype == dtype
     assert_close(got[0].cpu(), want[0], dtype, "grouped mlp")

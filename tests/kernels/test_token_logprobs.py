@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels.token_logprobs import IGNORE_INDEX, naive_token_logprobs
+import grpo_kernels
+from grpo_kernels.token_logprobs import IGNORE_INDEX, naive_token_logprobs
 from tests.helpers.kernels import (
     DEVICE,
     ON_GPU,
@@ -62,7 +62,7 @@ def test_hand_computed_single_token():
     # logits = [0, 1, 2] (hidden 1, weight column [0, 1, 2]); label 2.
     hidden = torch.tensor([[1.0]], dtype=torch.float64, requires_grad=True)
     weight = torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64, requires_grad=True)
-    lp, ent = kernels.token_logprobs(hidden, weight, torch.tensor([2]))
+    lp, ent = grpo_kernels.token_logprobs(hidden, weight, torch.tensor([2]))
     lse = math.log(1 + math.e + math.e**2)
     p = [math.exp(z - lse) for z in (0, 1, 2)]
     assert lp.item() == pytest.approx(2 - lse, abs=1e-12)
@@ -74,8 +74,8 @@ def test_hand_computed_single_token():
 
 def test_temperature_divides_logits():
     hidden, weight, labels, _, _ = make_inputs(5, 7, 3, torch.float64, ignore=())
-    lp_t, ent_t = kernels.token_logprobs(hidden, weight, labels, temperature=0.5)
-    lp_1, ent_1 = kernels.token_logprobs(hidden * 2, weight, labels)
+    lp_t, ent_t = grpo_kernels.token_logprobs(hidden, weight, labels, temperature=0.5)
+    lp_1, ent_1 = grpo_kernels.token_logprobs(hidden * 2, weight, labels)
     assert_close(lp_t, lp_1, torch.float64, "logprobs")
     assert_close(ent_t, ent_1, torch.float64, "entropy")
 
@@ -85,7 +85,7 @@ def test_reference_equals_naive_float64(chunk_size, monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     hidden, weight, labels, g_lp, g_ent = make_inputs(37, 101, 24, torch.float64)
     got = run_and_grad(
-        kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, temperature=0.7, chunk_size=chunk_size
+        grpo_kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, temperature=0.7, chunk_size=chunk_size
     )
     want = naive64(hidden, weight, labels, g_lp, g_ent, temperature=0.7)
     for name, a, b in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), got, want, strict=True):
@@ -97,7 +97,7 @@ def test_reference_gradcheck(monkeypatch):
     hidden, weight, labels, _, _ = make_inputs(6, 9, 4, torch.float64, ignore=(2,))
 
     def fn(h, w):
-        return kernels.token_logprobs(h, w, labels, temperature=1.3, chunk_size=4)
+        return grpo_kernels.token_logprobs(h, w, labels, temperature=1.3, chunk_size=4)
 
     assert torch.autograd.gradcheck(fn, (hidden, weight))
 
@@ -105,7 +105,7 @@ def test_reference_gradcheck(monkeypatch):
 def test_ignored_tokens_give_zero_and_no_gradient(monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     hidden, weight, labels, g_lp, g_ent = make_inputs(8, 11, 5, torch.float64, ignore=(0, 5))
-    lp, ent, gh, _ = run_and_grad(kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, chunk_size=3)
+    lp, ent, gh, _ = run_and_grad(grpo_kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, chunk_size=3)
     assert lp[[0, 5]].tolist() == [0.0, 0.0] and ent[[0, 5]].tolist() == [0.0, 0.0]
     assert gh[[0, 5]].abs().max().item() == 0.0
     assert gh[[1, 2]].abs().max().item() > 0
@@ -114,7 +114,8 @@ def test_ignored_tokens_give_zero_and_no_gradient(monkeypatch):
 def test_without_entropy_returns_none_and_logprob_gradient(monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     hidden, weight, labels, g_lp, g_ent = make_inputs(9, 13, 6, torch.float64)
-    got = run_and_grad(kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, with_entropy=False, chunk_size=4)
+    got = run_and_grad(grpo_kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, with_entropy=False,
+                       chunk_size=4)
     want = naive64(hidden, weight, labels, g_lp, g_ent, with_entropy=False)
     assert got[1] is None
     for name, i in (("logprobs", 0), ("grad_hidden", 2), ("grad_weight", 3)):
@@ -125,7 +126,7 @@ def test_frozen_weight_gets_no_gradient(monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     hidden, weight, labels, _, _ = make_inputs(4, 5, 3, torch.float64)
     weight = weight.detach()
-    lp, ent = kernels.token_logprobs(hidden, weight, labels)
+    lp, ent = grpo_kernels.token_logprobs(hidden, weight, labels)
     (gh,) = torch.autograd.grad((lp + ent).sum(), hidden)
     assert gh.shape == hidden.shape and weight.grad is None
 
@@ -134,7 +135,7 @@ def test_frozen_weight_gets_no_gradient(monkeypatch):
 def test_reference_low_precision_matches_float64(dtype, monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "torch")
     hidden, weight, labels, g_lp, g_ent = make_inputs(37, 101, 24, dtype)
-    got = run_and_grad(kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, chunk_size=16)
+    got = run_and_grad(grpo_kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, chunk_size=16)
     want = naive64(hidden, weight, labels, g_lp, g_ent)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert got[2].dtype == dtype and got[3].dtype == dtype
@@ -163,7 +164,7 @@ def test_bad_input_is_named(kwargs, match):
     args.update(kwargs)
     extra = {k: args.pop(k) for k in ("temperature", "chunk_size") if k in args}
     with pytest.raises(ValueError, match=match):
-        kernels.token_logprobs(args["hidden"], args["weight"], args["labels"], **extra)
+        grpo_kernels.token_logprobs(args["hidden"], args["weight"], args["labels"], **extra)
 
 
 test_triton_in_fresh_process = fresh_process_test(__file__)
@@ -195,7 +196,7 @@ def test_triton_matches_reference(n, v, h, dtype, temperature, chunk_size, monke
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
     hidden, weight, labels, g_lp, g_ent = make_inputs(n, v, h, dtype, device=DEVICE, ignore=(3, n - 1))
     got = run_and_grad(
-        kernels.token_logprobs,
+        grpo_kernels.token_logprobs,
         hidden,
         weight,
         labels,
@@ -219,7 +220,7 @@ def test_triton_without_entropy(monkeypatch):
     require_triton_in_process()
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
     hidden, weight, labels, g_lp, g_ent = make_inputs(19, 45, 20, torch.float32, device=DEVICE)
-    got = run_and_grad(kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, with_entropy=False)
+    got = run_and_grad(grpo_kernels.token_logprobs, hidden, weight, labels, g_lp, g_ent, with_entropy=False)
     want = naive64(hidden, weight, labels, g_lp, g_ent, with_entropy=False)
     assert got[1] is None
     assert_close(got[0].cpu(), want[0], torch.float32, "logprobs")

@@ -3,8 +3,8 @@
 
 import torch
 
-import kernels
-from kernels.dispatch import BACKEND_ENV
+import grpo_kernels
+from grpo_kernels.dispatch import BACKEND_ENV
 from model import DeepSeekConfig, DeepSeekForCausalLM, LatentKVCache
 from tests.helpers.kernels import (
     DEVICE,
@@ -36,8 +36,8 @@ def test_triton_model_training_step_equals_the_reference(monkeypatch):
     model = tiny_moe().train()
     ids = torch.randint(1, 40, (3, 11), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     calls = []
-    original = kernels.grouped_mlp
-    monkeypatch.setattr(kernels, "grouped_mlp", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = grpo_kernels.grouped_mlp
+    monkeypatch.setattr(grpo_kernels, "grouped_mlp", lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.setenv(BACKEND_ENV, "torch")
     want_logits, want_grads = forward_backward(model, ids)
     assert not calls  # the reference path: the per-expert loop
@@ -73,8 +73,8 @@ def test_triton_decoding_through_mla_decode_equals_the_reference(monkeypatch):
         return torch.stack(steps, 1)
 
     calls = []
-    original = kernels.mla_decode
-    monkeypatch.setattr(kernels, "mla_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = grpo_kernels.mla_decode
+    monkeypatch.setattr(grpo_kernels, "mla_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
     want = decode("torch")
     assert not calls
     got = decode("triton")

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import check_triton_device, interpreter_enabled
-from kernels.mla_decode import torch_mla_decode
+from grpo_kernels.dispatch import check_triton_device, interpreter_enabled
+from grpo_kernels.mla_decode import torch_mla_decode
 
 LOG2E = 1.4426950408889634
 
@@ -159,7 +159,7 @@ def triton_mla_decode(
     mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """Triton implementation of :func:`kernels.mla_decode` (arguments already validated; float64 runs the
+    """Triton implementation of :func:`grpo_kernels.mla_decode` (arguments already validated; float64 runs the
     PyTorch reference)."""
     if q_latent.dtype == torch.float64:
         return torch_mla_decode(q_latent, q_rope, c_kv, k_rope, mask, scale)

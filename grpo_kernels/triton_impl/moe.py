@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import check_triton_device, interpreter_enabled
-from kernels.moe import torch_grouped_mlp, torch_moe_permute, torch_moe_unpermute
+from grpo_kernels.dispatch import check_triton_device, interpreter_enabled
+from grpo_kernels.moe import torch_grouped_mlp, torch_moe_permute, torch_moe_unpermute
 
 ROW_BLOCK = 1024  # columns per program of the row-moving kernels
 
@@ -184,7 +184,7 @@ class _Unpermute(torch.autograd.Function):
 
 
 def triton_moe_permute(hidden: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
-    """Triton implementation of :func:`kernels.moe_permute` (arguments already validated; float64 runs the
+    """Triton implementation of :func:`grpo_kernels.moe_permute` (arguments already validated; float64 runs the
     PyTorch reference, as for every op here)."""
     if hidden.dtype == torch.float64:
         return torch_moe_permute(hidden, expert_ids, num_experts)
@@ -198,7 +198,7 @@ def triton_moe_permute(hidden: torch.Tensor, expert_ids: torch.Tensor, num_exper
 
 
 def triton_moe_unpermute(expert_out: torch.Tensor, order: torch.Tensor, routing_weights: torch.Tensor):
-    """Triton implementation of :func:`kernels.moe_unpermute` (arguments already validated)."""
+    """Triton implementation of :func:`grpo_kernels.moe_unpermute` (arguments already validated)."""
     if expert_out.dtype == torch.float64:
         return torch_moe_unpermute(expert_out, order, routing_weights)
     check_triton_device(expert_out)
@@ -401,7 +401,7 @@ class _GroupedMLP(torch.autograd.Function):
 def triton_grouped_mlp(
     permuted: torch.Tensor, tokens_per_expert: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
 ) -> torch.Tensor:
-    """Triton implementation of :func:`kernels.grouped_mlp` (arguments already validated; float64 runs the
+    """Triton implementation of :func:`grpo_kernels.grouped_mlp` (arguments already validated; float64 runs the
     PyTorch reference)."""
     if permuted.dtype == torch.float64:
         return torch_grouped_mlp(permuted, tokens_per_expert, w_gate_up, w_down)

@@ -11,11 +11,11 @@ Gradients, with ``p = softmax(z)``, ``lse = logsumexp(z)`` and ``H`` the entropy
 
 Tokens labelled ``IGNORE_INDEX`` (-100) get logprob 0 and entropy 0 and pass no gradient.
 
-Two implementations share :func:`token_logprobs`, picked by :mod:`kernels.dispatch`:
+Two implementations share :func:`token_logprobs`, picked by :mod:`grpo_kernels.dispatch`:
 
 * the PyTorch reference here, chunked over tokens by a memory-saving ``autograd.Function`` (the forward keeps
   only the per-token log-sum-exp and entropy; the backward recomputes each chunk's logits);
-* the Triton kernels in :mod:`kernels.triton_impl.token_logprobs` (a fused matmul + online log-sum-exp over
+* the Triton kernels in :mod:`grpo_kernels.triton_impl.token_logprobs` (a fused matmul + online log-sum-exp over
   vocabulary tiles; the backward recomputes logits tiles the same way).
 
 :func:`naive_token_logprobs` materialises all logits at once; it is the textbook definition the tests hold
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import KernelOp
+from grpo_kernels.dispatch import KernelOp
 
 IGNORE_INDEX = -100
 # Chunks hold about this many fp32 logits ([chunk, V]); the backward holds a few such buffers at once.
@@ -184,7 +184,7 @@ def torch_token_logprobs(
     return logprobs, entropy
 
 
-_OP = KernelOp("token_logprobs", torch_token_logprobs, "kernels.triton_impl.token_logprobs:triton_token_logprobs")
+_OP = KernelOp("token_logprobs", torch_token_logprobs, "grpo_kernels.triton_impl.token_logprobs:triton_token_logprobs")
 
 
 def token_logprobs(

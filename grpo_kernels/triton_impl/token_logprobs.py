@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import check_triton_device, interpreter_enabled
-from kernels.token_logprobs import IGNORE_INDEX, torch_token_logprobs
+from grpo_kernels.dispatch import check_triton_device, interpreter_enabled
+from grpo_kernels.token_logprobs import IGNORE_INDEX, torch_token_logprobs
 
 
 def _configs() -> list[triton.Config]:
@@ -246,7 +246,7 @@ def triton_token_logprobs(
     chunk_size: int,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Triton implementation of :func:`kernels.token_logprobs` (arguments already validated)."""
+    """Triton implementation of :func:`grpo_kernels.token_logprobs` (arguments already validated)."""
     if hidden.dtype == torch.float64:
         return torch_token_logprobs(hidden, weight, labels, temperature, chunk_size, with_entropy)
     check_triton_device(hidden, weight)

@@ -10,14 +10,14 @@ shared RoPE keys ``k_rope`` (``d_r``):
 The caller applies ``W_uv`` and ``o_proj`` to ``out_latent``. Positions are masked by a bool mask (True
 attends) or by per-sequence lengths (positions ``< length`` attend); a sequence with no valid position gets a
 zero output. The PyTorch reference is here; the Triton split-KV (flash-decoding) kernel is in
-:mod:`kernels.triton_impl.mla_decode`. Forward only (decode is not trained through).
+:mod:`grpo_kernels.triton_impl.mla_decode`. Forward only (decode is not trained through).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import KernelOp
+from grpo_kernels.dispatch import KernelOp
 
 
 def validate_mla_decode_args(
@@ -86,7 +86,7 @@ def torch_mla_decode(
     return torch.bmm(probs.to(c_kv.dtype), c_kv)  # [B, Hq, d_c]
 
 
-_OP = KernelOp("mla_decode", torch_mla_decode, "kernels.triton_impl.mla_decode:triton_mla_decode")
+_OP = KernelOp("mla_decode", torch_mla_decode, "grpo_kernels.triton_impl.mla_decode:triton_mla_decode")
 
 
 def mla_decode(

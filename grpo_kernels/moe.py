@@ -19,7 +19,7 @@ out = moe_unpermute(expert_out, order, routing_weights)                         
 
 All three are differentiable (``hidden``, ``expert_out``, ``routing_weights`` and both weights). The
 references here are index ops and a loop over experts on contiguous slices; the Triton versions live in
-:mod:`kernels.triton_impl.moe`.
+:mod:`grpo_kernels.triton_impl.moe`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import KernelOp
+from grpo_kernels.dispatch import KernelOp
 
 
 def _check_index_tensor(name: str, t: torch.Tensor, dims: int) -> None:
@@ -140,9 +140,9 @@ def naive_moe_layer(
         y = y.index_add(0, idx, ((F.silu(gate) * up) @ w_down[e].T) * routing_weights[idx, top, None])
     return y
 
-_PERMUTE = KernelOp("moe_permute", torch_moe_permute, "kernels.triton_impl.moe:triton_moe_permute")
-_UNPERMUTE = KernelOp("moe_unpermute", torch_moe_unpermute, "kernels.triton_impl.moe:triton_moe_unpermute")
-_GROUPED_MLP = KernelOp("grouped_mlp", torch_grouped_mlp, "kernels.triton_impl.moe:triton_grouped_mlp")
+_PERMUTE = KernelOp("moe_permute", torch_moe_permute, "grpo_kernels.triton_impl.moe:triton_moe_permute")
+_UNPERMUTE = KernelOp("moe_unpermute", torch_moe_unpermute, "grpo_kernels.triton_impl.moe:triton_moe_unpermute")
+_GROUPED_MLP = KernelOp("grouped_mlp", torch_grouped_mlp, "grpo_kernels.triton_impl.moe:triton_grouped_mlp")
 
 
 # ---- public entry points ----

@@ -1,1 +1,0 @@
-"""Triton implementations of the ops in :mod:`kernels`; each module imports ``triton`` at import time."""

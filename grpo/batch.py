@@ -67,8 +67,8 @@ class Trajectories:
         engine_logp: ``[N, T]`` the rollout engine's log-probs of the sampled tokens (None when it gave none).
         pg_weight: ``[N, T]`` the rollout correction's weights (:mod:`grpo.correction`; None: computed per
             micro-batch from the current log-probs, or no correction).
-        routing: ``[N, L, M, K]`` the engine's expert choices per position and MoE layer for router replay
-            (-1 where the engine ran no token); None without replay.
+        routing: ``[N, L, M, K]`` the engine's expert choices per position and MoE layer, for router replay and
+            the routing mismatch (-1 where the engine ran no token); None when the engine recorded none.
     """
 
     input_ids: Tensor
@@ -112,3 +112,28 @@ def pad_trajectories(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
         attn[i, p_len - len(p):p_len + len(c)] = 1
         comp[i, :len(c)] = 1
     return ids, attn, comp
+
+
+def pad_routing(rollouts: Sequence[Any], prompt_width: int, width: int) -> Tensor | None:
+    """``[N, L, M, K]`` (``L = width``) the rollouts' ``routing`` laid out as :func:`pad_trajectories`' tensors
+    (prompts left-padded to ``prompt_width``, completions right-padded), -1 where the engine ran nothing; None
+    when some rollout carries no routing."""
+    if any(getattr(r, "routing", None) is None for r in rollouts):
+        return None
+    m, k = rollouts[0].routing.shape[1:]
+    out = torch.full((len(rollouts), width, m, k), -1, dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        first = prompt_width - len(r.prompt_ids)
+        out[i, first:first + r.routing.shape[0]] = torch.as_tensor(r.routing)
+    return out
+
+
+def pad_engine_logprobs(rollouts: Sequence[Any], width: int) -> Tensor | None:
+    """``[N, T]`` (``T = width``) the engine's log-probs of the sampled tokens, right-padded with 0; None when it
+    gave none for some rollout."""
+    if any(len(r.logprobs) != len(r.completion_ids) for r in rollouts):
+        return None
+    out = torch.zeros(len(rollouts), width)
+    for i, r in enumerate(rollouts):
+        out[i, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+    return out

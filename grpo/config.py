@@ -76,7 +76,9 @@ class GRPOConfig:
             every token to and the policy's log-prob and update passes route by them (the gate weights still
             come from the current router, so it keeps learning; see :mod:`model.routing`). Those passes then run
             every row's prompt in full (a shared-prefix forward cannot be replayed). Needs an engine that
-            records routing: our torch engine; the vLLM engine refuses it.
+            records routing: our torch engine, or the vLLM engine on a GPU (a pipeline builds it with
+            ``enable_return_routed_experts=True``; see :mod:`rollout.vllm_routing`). Whatever this says, an engine that
+            records routing does so every step, for ``mismatch/routing_disagreement``.
         async_rollouts: One-step off-policy rollouts: step k+1's completions are sampled on the rollout workers
             while the trainer updates on step k's, with the weights before that update (bounded staleness
             ``max_staleness``). The ratio's old policy is the trainer's own (proximal) log-probs and the

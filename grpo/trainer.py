@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from grpo.advantages import compute_advantages
-from grpo.batch import Scores, Trajectories, pad_trajectories
+from grpo.batch import Scores, Trajectories, pad_engine_logprobs, pad_routing, pad_trajectories
 from grpo.config import GRPOConfig
 from grpo.correction import correction_weights, mismatch_metrics, mismatch_stats, resolve
 from grpo.logprobs import sequence_logprobs
@@ -44,7 +44,7 @@ from model.distributed import (
     no_grad_forwards,
     sum_router_loads,
 )
-from model.routing import replayed_routing
+from model.routing import recorded_routing, replayed_routing, routing_disagreement
 from rollout.base import PendingRollouts, Rollout, RolloutEngine, SamplingConfig
 from rollout.weights import named_weights
 from sft.formatting import encode_prompt
@@ -119,8 +119,10 @@ class GRPOTrainer(WeightSync):
         self._engine_gives_logprobs: bool | None = None
         if config.router_replay and dp.is_main and not getattr(engine, "can_record_routing", False):
             raise ValueError(f"router_replay: {getattr(engine, 'description', type(engine).__name__)} cannot record "
-                             f"the experts it routes tokens to; use the torch engine with our MoE model (vLLM 0.32 "
-                             f"has enable_return_routed_experts, which this toolkit's vLLM engine does not use yet)")
+                             f"the experts it routes tokens to; use the torch engine with our MoE model, or the vLLM "
+                             f"engine built with enable_return_routed_experts=True (on a GPU)")
+        # the engine records its expert choices wherever it can: for replay, and for the routing mismatch
+        self._records_routing = config.router_replay or bool(getattr(engine, "can_record_routing", False))
         decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else policy
         decoder.register_forward_hook(self._capture_aux_losses)
 
@@ -270,7 +272,7 @@ class GRPOTrainer(WeightSync):
         sampling = SamplingConfig(n=cfg.group_size, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   top_p=cfg.top_p, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng)),
                                   logprobs=True,  # the engine's own: the mismatch and its correction
-                                  record_routing=cfg.router_replay)
+                                  record_routing=self._records_routing)
         if self._engine_gives_logprobs is None:  # asked once: the settings are the stage's
             self._engine_gives_logprobs = bool(getattr(self.engine, "can_return_logprobs", lambda s: True)(sampling))
             if not self._engine_gives_logprobs:
@@ -322,31 +324,31 @@ class GRPOTrainer(WeightSync):
         if self.config.mask_truncated:
             truncated = torch.tensor([r.finish_reason == "length" for r in rollouts])
             comp = comp.masked_fill(truncated[:, None], 0)
-        routing = (_replay_routing(rollouts, ids.shape[1] - comp.shape[1], ids.shape[1]) if self.config.router_replay
-                   else None)
         return Trajectories(ids, attn, comp, advantages.float(), rewards,
-                            engine_logp=self._engine_logprobs(rollouts, comp.shape[1]), routing=routing)
+                            engine_logp=pad_engine_logprobs(rollouts, comp.shape[1]),
+                            routing=pad_routing(rollouts, ids.shape[1] - comp.shape[1], ids.shape[1]))
 
-    def _engine_logprobs(self, rollouts: list[Rollout], width: int) -> Tensor | None:
-        """``[N, T]`` the engine's log-probs of the sampled tokens, or None when it gave none for some row."""
-        if any(len(r.logprobs) != len(r.completion_ids) for r in rollouts):
-            return None
-        out = torch.zeros(len(rollouts), width)
-        for i, r in enumerate(rollouts):
-            out[i, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+    def _logprobs(self, model: nn.Module, batch: Trajectories, with_entropy: bool = False, measure: bool = False
+                  ) -> tuple[Tensor, Tensor | None]:
+        """``sequence_logprobs`` of ``batch`` under ``model``; the policy replays the engine's routing with
+        ``router_replay``, and ``measure`` counts the engine-trainer routing mismatch of this forward."""
+        routed = batch.routing is not None and model is self.policy  # the reference routes by itself
+        replay, measure = routed and self.config.router_replay, routed and measure
+        with (replayed_routing(model, batch.routing) if replay else contextlib.nullcontext(),
+              recorded_routing(model, own=True) if measure else contextlib.nullcontext() as own):
+            out = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_len,
+                                    chunk_size=self.config.logprob_chunk_size, with_entropy=with_entropy,
+                                    temperature=self.config.temperature or 1.0,
+                                    share_prompts=self.config.share_prompts and not replay)
+        if measure:
+            differ, compared = routing_disagreement(own, batch.routing)
+            self._mismatch["route_differ"] = self._mismatch.get("route_differ", 0.0) + differ
+            self._mismatch["route_compared"] = self._mismatch.get("route_compared", 0.0) + compared
         return out
 
-    def _logprobs(self, model: nn.Module, batch: Trajectories, with_entropy: bool = False
-                  ) -> tuple[Tensor, Tensor | None]:
-        replay = batch.routing is not None and model is self.policy  # the reference routes by itself
-        with replayed_routing(model, batch.routing) if replay else contextlib.nullcontext():
-            return sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_len,
-                                     chunk_size=self.config.logprob_chunk_size, with_entropy=with_entropy,
-                                     temperature=self.config.temperature or 1.0,
-                                     share_prompts=self.config.share_prompts and not replay)
-
-    def _batched_logprobs(self, model: nn.Module, batch: Trajectories) -> Tensor:
-        """``[N, T]`` log-probs of ``batch`` by micro-batches; with several ranks each runs its share."""
+    def _batched_logprobs(self, model: nn.Module, batch: Trajectories, measure: bool = False) -> Tensor:
+        """``[N, T]`` log-probs of ``batch`` by micro-batches; with several ranks each runs its share (``measure``:
+        counting the routing mismatch, see :meth:`_logprobs`)."""
         mb, n = self.config.micro_batch_size, len(batch.rewards)
         starts = range(0, n, mb)
         parts: dict[int, Tensor] = {}
@@ -354,7 +356,8 @@ class GRPOTrainer(WeightSync):
             for j in self.dp.share(len(starts)):
                 start = starts[0 if j is None else j]
                 with filler_forward(model) if j is None else contextlib.nullcontext():
-                    logp = self._logprobs(model, batch.select(torch.arange(start, min(start + mb, n))))[0]
+                    micro = batch.select(torch.arange(start, min(start + mb, n)))
+                    logp = self._logprobs(model, micro, measure=measure and j is not None)[0]
                 if j is not None:
                     parts[j] = logp.cpu() if self.dp.enabled else logp
         if self.dp.enabled:
@@ -408,7 +411,7 @@ class GRPOTrainer(WeightSync):
         if not on_policy:
             was_training = self.policy.training
             self.policy.eval()
-            batch = batch.replace(old_logp=self._batched_logprobs(self.policy, batch))
+            batch = batch.replace(old_logp=self._batched_logprobs(self.policy, batch, measure=True))
             self.policy.train(was_training)
             if batch.engine_logp is not None:  # one correction for the whole batch, every rank alike
                 weight = self._correct(batch.old_logp, batch.engine_logp, batch.completion_mask, reduce=False)
@@ -469,7 +472,8 @@ class GRPOTrainer(WeightSync):
         cfg = self.config
         weight = 0.0 if filler else float(micro_batch_weight(cfg.loss_agg, micro.completion_mask,
                                                               mini.completion_mask))
-        logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
+        logp, entropy = self._logprobs(self.policy, micro, with_entropy=True,
+                                       measure=micro.old_logp is None and not filler)  # on-policy: the first pass
         old = micro.old_logp if micro.old_logp is not None else logp.detach()
         weight_pg = micro.pg_weight  # off-policy: computed with the old log-probs for the whole batch
         if micro.old_logp is None and micro.engine_logp is not None and not filler:  # on-policy: old = current
@@ -501,16 +505,19 @@ class GRPOTrainer(WeightSync):
         return None if self.correction == "none" else weight
 
     def _mismatch_metrics(self) -> dict[str, float]:
-        """The step's engine-trainer mismatch (:func:`grpo.correction.mismatch_metrics`); {} without engine
-        log-probs."""
+        """The step's engine-trainer mismatch (:func:`grpo.correction.mismatch_metrics`; {} without engine
+        log-probs) and, where the engine recorded its routing, the share of (token, MoE layer) expert choices the
+        trainer's router makes otherwise (``mismatch/routing_disagreement``; each rank counted its share)."""
         acc = self._mismatch
+        routes = self.dp.sum_floats({k: acc.get(k, 0.0) for k in ("route_differ", "route_compared")})
         if self.dp.enabled and self.dp.broadcast(bool(acc.get("reduce"))):  # every rank saw its share
             parts = self.dp.all_gather(acc)
             acc = {k: sum(p.get(k, 0.0) for p in parts) for k in ("abs_sum", "kl_sum", "tokens", "affected")}
             acc["abs_max"] = max(p.get("abs_max", 0.0) for p in parts)
-        if not acc.get("tokens"):
-            return {}
-        return mismatch_metrics(acc, acc["affected"])
+        out = mismatch_metrics(acc, acc["affected"]) if acc.get("tokens") else {}
+        if routes["route_compared"]:
+            out["mismatch/routing_disagreement"] = routes["route_differ"] / routes["route_compared"]
+        return out
 
     def _moe_aux_loss(self) -> Tensor:
         """The policy's MoE balance losses from its last forward, summed and weighted by ``moe_aux_coef``."""
@@ -582,14 +589,3 @@ class GRPOTrainer(WeightSync):
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.sync_weights()
-
-
-def _replay_routing(rollouts: list[Rollout], prompt_width: int, width: int) -> Tensor:
-    """``[N, L, M, K]`` (``L = width``) the engine's expert choices laid out as the trajectories' tensors (prompts
-    left-padded to ``prompt_width``, completions right-padded), -1 where the engine ran nothing."""
-    m, k = rollouts[0].routing.shape[1:]
-    out = torch.full((len(rollouts), width, m, k), -1, dtype=torch.long)
-    for i, r in enumerate(rollouts):
-        first = prompt_width - len(r.prompt_ids)
-        out[i, first:first + r.routing.shape[0]] = r.routing
-    return out

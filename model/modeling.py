@@ -579,6 +579,7 @@ class Gate(_Float32Buffers):
         self.init_runtime_buffers(self.weight.device)
         self.replay: Tensor | None = None  # [B, T, K] expert ids to route by, -1: choose (see model.routing)
         self.recording: list[Tensor] | None = None  # every forward's chosen ids [N, K] are appended here
+        self.recording_own = False  # record the router's own choice, before any replay (see model.routing)
 
     def init_runtime_buffers(self, device: torch.device) -> None:
         """Zeroed token counters: ``tokens_seen`` (for :meth:`routing_stats`) and ``load_since_update``."""
@@ -592,11 +593,11 @@ class Gate(_Float32Buffers):
         c = self.config
         scores = self.score(F.linear(_cast(x, torch.float32), _cast(self.weight, torch.float32)))  # [N, E]
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        indices = self.select(choice, c.n_group, c.topk_group, self.top_k)  # [N, K]
-        if self.replay is not None:  # route by the replayed experts; the weights still come from the scores
-            indices = _replayed(indices, self.replay)
+        own = self.select(choice, c.n_group, c.topk_group, self.top_k)  # [N, K]
+        # route by the replayed experts; the weights still come from the scores
+        indices = own if self.replay is None else _replayed(own, self.replay)
         if self.recording is not None:
-            self.recording.append(indices.detach().clone())
+            self.recording.append((own if self.recording_own else indices).detach().clone())
         weights = scores.gather(1, indices)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -936,6 +937,10 @@ class DeepSeekModel(nn.Module):
             valid = None if attention_mask is None else attention_mask[:, past:].to(device=device, dtype=torch.bool)
         cos, sin = self.rotary_emb(position_ids)
         h, losses = self._layers(self.embed_tokens(input_ids), cos, sin, mask, valid, cache, shared)
+        if shared is not None:  # what the gates recorded, in the rows' order (as an unshared forward records it)
+            for gate in self.moe_gates().values():
+                if gate.recording:
+                    gate.recording[-1] = shared.expand(gate.recording[-1][None]).flatten(0, 1)
         if cache is not None:
             cache.advance(t)
         h = self.norm(h)

@@ -5,10 +5,14 @@ a step apart) that MoE policy-gradient runs drift apart from what was sampled. R
 every MoE layer, the experts the engine chose, and the trainer's forward routes by them: the gate weights are
 still computed from the current router's scores over the replayed experts, so the router keeps learning.
 
-* :func:`recorded_routing`: within the block every gate appends each forward's chosen expert ids ``[N, K]``;
+* :func:`recorded_routing`: within the block every gate appends each forward's chosen expert ids ``[N, K]``
+  (a shared-prefix forward's in the rows' order, as the unshared forward would choose them), or with
+  ``own=True`` the router's own choice even where it is replaying;
 * :func:`replayed_routing`: within the block every gate routes by ``routing [B, T, M, K]`` (``M`` MoE layers in
   order; -1 where nothing was recorded: the gate chooses itself). The forward must run the rows' first
-  positions as ``[B, T', D]`` (not the shared-prefix layout).
+  positions as ``[B, T', D]`` (not the shared-prefix layout);
+* :func:`routing_disagreement`: how many (token, layer) decisions a recording and an engine's routing differ on,
+  the engine-trainer routing mismatch.
 """
 
 from __future__ import annotations
@@ -27,17 +31,40 @@ def moe_gates(model: nn.Module) -> list[Gate]:
 
 
 @contextlib.contextmanager
-def recorded_routing(model: nn.Module) -> Iterator[list[list[Tensor]]]:
-    """Yields one list per MoE layer that collects every forward's chosen expert ids ``[N, K]``."""
+def recorded_routing(model: nn.Module, own: bool = False) -> Iterator[list[list[Tensor]]]:
+    """Yields one list per MoE layer that collects every forward's chosen expert ids ``[N, K]`` (``own``: the
+    router's own choice, before any replay)."""
     gates = moe_gates(model)
     logs: list[list[Tensor]] = [[] for _ in gates]
     for gate, log in zip(gates, logs):
-        gate.recording = log
+        gate.recording, gate.recording_own = log, own
     try:
         yield logs
     finally:
         for gate in gates:
-            gate.recording = None
+            gate.recording, gate.recording_own = None, False
+
+
+def routing_disagreement(logs: list[list[Tensor]], routing: Tensor) -> tuple[int, int]:
+    """``(decisions that differ, decisions compared)`` between one forward's recording and ``routing``.
+
+    A decision is one token's set of ``K`` experts in one MoE layer; it is compared where ``routing`` has one
+    (not -1: padding, or positions the engine never ran), the order of the ``K`` experts aside.
+
+    Args:
+        logs: :func:`recorded_routing`'s lists after one forward over the rows' first ``T'`` positions: one
+            ``[N * T', K]`` per MoE layer.
+        routing: The engine's choices for the same rows ``[N, T, M, K]`` (``T >= T'``), -1 where unknown.
+    """
+    differ = compared = 0
+    n = routing.shape[0]
+    for j, log in enumerate(logs):
+        got = log[-1].view(n, -1, log[-1].shape[-1]).sort(-1).values.cpu()  # [N, T', K]
+        want = routing[:, : got.shape[1], j].sort(-1).values  # [N, T', K]
+        known = (want >= 0).all(-1)
+        differ += int(((got != want).any(-1) & known).sum())
+        compared += int(known.sum())
+    return differ, compared
 
 
 @contextlib.contextmanager

@@ -22,10 +22,12 @@ How it maps our contract onto vLLM (checked against vLLM 0.32, CPU and GPU code 
   packed storage, which gives silently wrong outputs); the engine detaches those layers' MoE kernels for the
   reload so vLLM pads, packs and rebuilds them as on the first load. Each call must carry whole decoder
   layers (vLLM processes a layer once all of its tensors arrived); the prefix cache is reset afterwards.
-- **Routing.** ``SamplingConfig.record_routing`` (rollout routing replay) is refused: vLLM 0.32 returns the
-  routed experts (``CompletionOutput.routed_experts``, ``[seq_len, layers, top_k]``) only from its V2 model
-  runner (``VLLM_USE_V2_MODEL_RUNNER=1`` with ``enable_return_routed_experts=True``), which requires Triton, so
-  it cannot run on the CPU this engine is tested on, and it is not wired in.
+- **Routing.** ``SamplingConfig.record_routing`` (rollout routing replay, and the routing mismatch) needs an
+  engine built with ``enable_return_routed_experts=True``: vLLM 0.32 then returns every sample's routed experts
+  (``CompletionOutput.routed_experts``), which :mod:`rollout.vllm_routing` turns into our ``[S, M, K]``
+  routing. Only vLLM's V2 model runner captures them; it needs Triton, so a GPU: the engine sets
+  ``VLLM_USE_V2_MODEL_RUNNER=1`` when unset and refuses the option on the CPU (use the torch engine there).
+  Without the option, ``record_routing`` is refused.
 - **Sleep.** On platforms with vLLM sleep mode (CUDA) the engine is built with ``enable_sleep_mode=True`` and
   :meth:`sleep` frees the KV cache and offloads the weights (level 1). vLLM refuses sleep mode on the CPU:
   there :meth:`sleep` / :meth:`wake_up` only log that nothing is freed and track the state.
@@ -55,6 +57,7 @@ from transformers import AutoTokenizer
 
 from rollout.base import Rollout, RolloutEngine, SamplingConfig, decode_completion
 from rollout.loading import has_tokenizer
+from rollout.vllm_routing import moe_layer_indices, routing_from_vllm
 from rollout.weights import layer_key
 
 logger = logging.getLogger(__name__)
@@ -256,10 +259,34 @@ class VLLMEngine(RolloutEngine):
             if self._uses_mla() and _not_bf16(kwargs.get("dtype")) and not (
                     "attention_backend" in kwargs or "attention_config" in kwargs):
                 kwargs["attention_backend"] = "CPU_MLA"  # AMX MLA packs bf16 weights only (see the docstring)
+        self.records_routing = bool(kwargs.get("enable_return_routed_experts"))
+        if self.records_routing:
+            self._routing_layout = self._prepare_routing(current_platform)
         if kwargs["logprobs_mode"] != "processed_logprobs":
             raise ValueError(f"logprobs_mode: the engine needs 'processed_logprobs', got {kwargs['logprobs_mode']!r}")
         self.vllm_tokenizer = vllm_tokenizer
         return LLM(**kwargs)
+
+    def _prepare_routing(self, platform: Any) -> tuple[list[int], int, int]:
+        """Checks that this vLLM can return routed experts and asks for its V2 model runner; returns the layout
+        :func:`rollout.vllm_routing.routing_from_vllm` converts (MoE layers, decoder layers, top-k)."""
+        if platform.is_cpu():
+            raise ValueError("enable_return_routed_experts: vLLM returns routed experts only from its V2 model "
+                             "runner, which needs Triton on a GPU; on the CPU use the torch engine for router replay")
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "1").lower() in ("0", "false"):
+            raise ValueError("enable_return_routed_experts needs vLLM's V2 model runner: unset "
+                             "VLLM_USE_V2_MODEL_RUNNER=0")
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+        config = json.loads((self.path / "config.json").read_text())
+        layers = moe_layer_indices(config)
+        if not layers:
+            raise ValueError(f"enable_return_routed_experts: {self.path} is not an MoE model (no routed experts)")
+        return layers, int(config["num_hidden_layers"]), int(config["num_experts_per_tok"])
+
+    @property
+    def can_record_routing(self) -> bool:
+        """Whether the engine was built with ``enable_return_routed_experts=True`` (see the module docstring)."""
+        return self.records_routing
 
     def _uses_mla(self) -> bool:
         return "kv_lora_rank" in json.loads((self.path / "config.json").read_text())
@@ -283,11 +310,10 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("every prompt must have at least one token")
         if sampling.stop and self.vllm_tokenizer is None:
             raise ValueError("SamplingConfig.stop (stop strings) needs an engine with a tokenizer")
-        if sampling.record_routing:
-            raise ValueError("SamplingConfig.record_routing: this vLLM engine does not return routed experts (vLLM "
-                             "0.32 returns them only from its V2 model runner, VLLM_USE_V2_MODEL_RUNNER=1 with "
-                             "enable_return_routed_experts, which needs Triton on a GPU; not wired in); use the torch "
-                             "engine")
+        if sampling.record_routing and not self.records_routing:
+            raise ValueError("SamplingConfig.record_routing: build the vLLM engine with "
+                             "enable_return_routed_experts=True (vLLM's V2 model runner, on a GPU) to have it return "
+                             "routed experts, or use the torch engine")
         if sampling.logprobs and not _vllm_logprobs_exact(sampling) and not _rescorable(sampling):
             raise ValueError(
                 f"SamplingConfig: vLLM cannot return log-probs under softmax(logits / T) before top-k/top-p/"
@@ -335,9 +361,11 @@ class VLLMEngine(RolloutEngine):
         logprobs = []
         if sampling.logprobs:
             logprobs = [float(sample.logprobs[j][t].logprob) for j, t in enumerate(ids)]
+        routing = (routing_from_vllm(getattr(sample, "routed_experts", None), len(prompt), len(ids),
+                                     *self._routing_layout) if sampling.record_routing else None)
         return Rollout(prompt_ids=list(prompt), completion_ids=ids, logprobs=logprobs,
                        finish_reason="length" if sample.finish_reason == "length" else "stop",
-                       text=decode_completion(self.tokenizer, ids, stop_ids), prompt_index=index)
+                       text=decode_completion(self.tokenizer, ids, stop_ids), prompt_index=index, routing=routing)
 
     def _rescore(self, rollouts: list[Rollout]) -> None:
         """Replaces filtered (top-k/top-p/min_tokens) log-probs by the model's ``log_softmax(logits)``, in place."""

@@ -107,6 +107,7 @@ class Pipeline:
         self.policy: Any = None
         self.rollouts: list[Any] = []
         self.rollout_engine: str | None = None
+        self.rollout_routing = False  # the rollout workers' engines return routed experts (see rollout_workers)
         self.offloaded = False
         self.phase_started = time.perf_counter()  # when the running phase started (its wall time is reported)
 
@@ -258,22 +259,23 @@ class Pipeline:
         ray.get([w.set_threads.remote(rollout) for w in self.rollouts])
         return rollout
 
-    def rollout_workers(self, engine: str) -> list[Any]:
-        """The rollout workers for a stage, awake: the existing ones when they run ``engine``, else new ones (an
-        earlier stage's workers with another engine are stopped)."""
+    def rollout_workers(self, engine: str, routing: bool = False) -> list[Any]:
+        """The rollout workers for a stage, awake: the existing ones when they run ``engine`` (built to return
+        routed experts if ``routing``, see :class:`RolloutWorker`), else new ones (an earlier stage's workers
+        are stopped)."""
         import ray
 
-        if self.rollouts and self.rollout_engine != engine:
+        if self.rollouts and (self.rollout_engine, self.rollout_routing) != (engine, routing):
             for worker in self.rollouts:
                 ray.kill(worker)
             self.rollouts = []
         if not self.rollouts:
-            self.rollout_engine = engine
+            self.rollout_engine, self.rollout_routing = engine, routing
             cfg = self.recipe.ray
             actor = remote(RolloutWorker, num_cpus=cfg.rollout_cpus, num_gpus=self.gpus(cfg.rollout_gpus),
                            scheduling_strategy="SPREAD")
             self.rollouts = [actor.remote(str(self.current_policy()), engine=engine, threads=self.role_threads()[1],
-                                          dtype=self.recipe.model.dtype, device=self._device())
+                                          dtype=self.recipe.model.dtype, device=self._device(), routing=routing)
                              for _ in range(cfg.num_rollout_workers)]
         else:
             ray.get([w.wake_up.remote() for w in self.rollouts])

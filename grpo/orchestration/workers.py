@@ -89,14 +89,25 @@ ENGINE_BUILDERS: Registry[Callable[..., RolloutEngine]] = Registry("rollout engi
 
 
 @ENGINE_BUILDERS.register("torch")
-def _torch_engine(name: str, checkpoint: str, tokenizer: Any, dtype: str, device: str) -> RolloutEngine:
-    """Our PyTorch engine over the policy's own class, in the run's dtype and on its device."""
+def _torch_engine(name: str, checkpoint: str, tokenizer: Any, dtype: str, device: str, routing: bool
+                  ) -> RolloutEngine:
+    """Our PyTorch engine over the policy's own class, in the run's dtype and on its device (it records the
+    routing of our MoE models whenever asked)."""
     return build_engine("torch", load_policy(checkpoint, dtype, device), tokenizer=tokenizer)
 
 
+@ENGINE_BUILDERS.register("vllm")
+def _vllm_engine(name: str, checkpoint: str, tokenizer: Any, dtype: str, device: str, routing: bool
+                 ) -> RolloutEngine:
+    """vLLM over the checkpoint folder; ``routing``: built to return routed experts (router replay)."""
+    return build_engine("vllm", checkpoint, tokenizer=tokenizer,
+                        **({"enable_return_routed_experts": True} if routing else {}))
+
+
 @ENGINE_BUILDERS.register("*")
-def _folder_engine(name: str, checkpoint: str, tokenizer: Any, dtype: str, device: str) -> RolloutEngine:
-    """Any other registered engine (vLLM, or a dotted path ``pkg.module:Engine``) loads the folder itself."""
+def _folder_engine(name: str, checkpoint: str, tokenizer: Any, dtype: str, device: str, routing: bool
+                   ) -> RolloutEngine:
+    """Any other registered engine (a dotted path ``pkg.module:Engine``) loads the folder itself."""
     return build_engine(name, checkpoint, tokenizer=tokenizer)
 
 
@@ -133,12 +144,12 @@ class RolloutWorker:
     """Owns a rollout engine built from a checkpoint folder."""
 
     def __init__(self, checkpoint: str, engine: str = "torch", threads: int | None = None,
-                 dtype: str = "float32", device: str = "cpu") -> None:
+                 dtype: str = "float32", device: str = "cpu", routing: bool = False) -> None:
         _start_role("RolloutWorker", threads)
         tokenizer = load_tokenizer(checkpoint)
         self.engine_name = engine
         self.engine = ENGINE_BUILDERS.get(engine if engine in ENGINE_BUILDERS else "*")(
-            engine, checkpoint, tokenizer, dtype, device)
+            engine, checkpoint, tokenizer, dtype, device, routing)
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         return self.engine.generate(prompt_token_ids, sampling)

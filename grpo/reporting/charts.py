@@ -61,8 +61,9 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("accuracy", "Accuracy", _exact("reward/accuracy", "accuracy")),
     PlotSpec("kl", "KL to the reference", _exact("kl")),
     PlotSpec("completion_length", "Completion length (tokens)", _exact("completion/length_mean")),
-    PlotSpec("mismatch", "Rollout-training mismatch (engine vs trainer log-probs)",
-             _exact("mismatch/logp_abs_mean", "mismatch/kl", "mismatch/corrected_frac")),
+    PlotSpec("mismatch", "Rollout-training mismatch (engine vs trainer log-probs and MoE routing)",
+             _exact("mismatch/logp_abs_mean", "mismatch/kl", "mismatch/corrected_frac",
+                    "mismatch/routing_disagreement")),
     PlotSpec("step_time", "Step time by part (seconds)", _exact(*STEP_PARTS), stacked=True),
     PlotSpec("sft_loss", "SFT loss", _exact("loss"), rl_axis=False),
 )

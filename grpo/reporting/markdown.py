@@ -96,11 +96,16 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
 
 def mismatch_table(mismatch: Mapping[str, Mapping[str, float]]) -> list[str]:
     """A row per RL phase: the engine-trainer mismatch over its steps (see :mod:`grpo.correction`)."""
-    lines = ["| phase | steps | mean abs log-prob gap | max abs gap | KL(engine, trainer) | corrected tokens |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| phase | steps | mean abs log-p gap | max gap | KL(engine, trainer) | corrected | routes differ |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {phase} | {m['steps']:.0f} | {m['logp_abs_mean']:.3g} | {m['logp_abs_max']:.3g} | {m['kl']:.3g} "
-              f"| {100 * m['corrected_frac']:.2f}% |" for phase, m in mismatch.items()]
+              f"| {100 * m['corrected_frac']:.2f}% | {fmt(_scaled(m.get('routing_disagreement')), '.2f', '%')} |"
+              for phase, m in mismatch.items()]
     return lines
+
+
+def _scaled(value: float | None) -> float | None:
+    return None if value is None else 100 * value
 
 
 def settings_table(settings: Mapping[str, Any]) -> list[str]:
@@ -137,8 +142,9 @@ def run_report(run_dir: Path, evals: Mapping[str, PhaseEval], report: Mapping[st
                     "`a / b` is over greedy / sampled completions.", "", *rewards, ""]
     if report["mismatch"]:
         out += ["## Rollout-training mismatch", "", "Per RL phase, the engine's log-probs of its samples against "
-                "the trainer's (means over steps; the max over all of them).", "", *mismatch_table(report["mismatch"]),
-                ""]
+                "the trainer's (means over steps; the max over all of them), and the share of (token, MoE layer) "
+                "expert choices the trainer's router makes otherwise than the engine's did.", "",
+                *mismatch_table(report["mismatch"]), ""]
     if plots:
         out += ["## Training curves", ""]
         for p in plots:

@@ -235,13 +235,18 @@ MISMATCH_KEYS = ("logp_abs_mean", "logp_abs_max", "kl", "corrected_frac")
 
 def mismatch_by_phase(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Per RL phase that logged it, the rollout-training mismatch over its steps: the means of the logged
-    ``mismatch/*`` values (the max of ``logp_abs_max``) and the number of steps."""
+    ``mismatch/*`` values (the max of ``logp_abs_max``), the mean ``routing_disagreement`` where the steps
+    logged it (MoE policies with an engine that records its routing) and the number of steps."""
     out = {}
     for phase in RL_PHASES:
         rows = [r for r in records if r.get("phase") == phase and r.get("mismatch/logp_abs_mean") is not None]
         if rows:
             out[phase] = {k: (max if k == "logp_abs_max" else _mean)([float(r[f"mismatch/{k}"]) for r in rows])
                           for k in MISMATCH_KEYS}
+            routing = [float(r["mismatch/routing_disagreement"]) for r in rows
+                       if r.get("mismatch/routing_disagreement") is not None]
+            if routing:
+                out[phase]["routing_disagreement"] = _mean(routing)
             out[phase]["steps"] = float(len(rows))
     return out
 

@@ -54,7 +54,7 @@ def run_stage(p: Pipeline, phase: str, cfg: RLPhase) -> None:
     rows = rows_of(cfg.data)
     g = dataclasses.replace(cfg.grpo, seed=p.recipe.seed + cfg.grpo.seed)
     policy = p.policy_worker()
-    rollouts = p.rollout_workers(cfg.engine)
+    rollouts = p.rollout_workers(cfg.engine, routing=g.router_replay)
     rollout_threads = p.use_threads(overlap=g.async_rollouts)
     reward = remote(RewardWorker, num_cpus=0.25).remote(p.resolve_rewards(cfg.rewards), cfg.reward_mode,
                                                         threads=1, process=g.advantage == "process")

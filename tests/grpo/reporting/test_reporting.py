@@ -517,16 +517,27 @@ def test_recipe_table_shows_the_settings_the_run_logged():
 
 def test_the_report_shows_the_rollout_mismatch_per_phase(tmp_path):
     with MetricsLogger(tmp_path) as logger:
-        for step, (gap, top, kl, frac) in enumerate([(0.01, 0.2, 1e-4, 0.0), (0.03, 0.5, 3e-4, 0.1)], start=1):
+        for step, (gap, top, kl, frac, routes) in enumerate([(0.01, 0.2, 1e-4, 0.0, 0.1), (0.03, 0.5, 3e-4, 0.1, 0.3)],
+                                                            start=1):
             logger.log("rl_reason", step, {"mismatch/logp_abs_mean": gap, "mismatch/logp_abs_max": top,
-                                           "mismatch/kl": kl, "mismatch/corrected_frac": frac, "loss": 0.1})
+                                           "mismatch/kl": kl, "mismatch/corrected_frac": frac,
+                                           "mismatch/routing_disagreement": routes, "loss": 0.1})
         logger.log("rl_pref", 1, {"loss": 0.2})  # a phase without engine log-probs: no row
     md_path, json_path = write_report(tmp_path, {"sft": {"accuracy": 0.3, "rewards": {}}})
     mismatch = json.loads(json_path.read_text())["mismatch"]
     assert list(mismatch) == ["rl_reason"]
     assert mismatch["rl_reason"] == pytest.approx({"logp_abs_mean": 0.02, "logp_abs_max": 0.5, "kl": 2e-4,
-                                                   "corrected_frac": 0.05, "steps": 2})
+                                                   "corrected_frac": 0.05, "routing_disagreement": 0.2, "steps": 2})
     md = md_path.read_text()
     assert "## Rollout-training mismatch" in md
-    assert "| rl_reason | 2 | 0.02 | 0.5 | 0.0002 | 5.00% |" in md
+    assert "| rl_reason | 2 | 0.02 | 0.5 | 0.0002 | 5.00% | 20.00% |" in md
     assert (tmp_path / "plots" / "mismatch.png").exists()
+
+
+def test_the_mismatch_table_says_n_a_for_a_policy_without_routing(tmp_path):
+    with MetricsLogger(tmp_path) as logger:
+        logger.log("rl_pref", 1, {"mismatch/logp_abs_mean": 0.01, "mismatch/logp_abs_max": 0.1, "mismatch/kl": 1e-4,
+                                  "mismatch/corrected_frac": 0.0})  # a dense policy: no routing to compare
+    md_path, json_path = write_report(tmp_path, {"sft": {"accuracy": 0.3, "rewards": {}}})
+    assert "routing_disagreement" not in json.loads(json_path.read_text())["mismatch"]["rl_pref"]
+    assert "| rl_pref | 1 | 0.01 | 0.1 | 0.0001 | 0.00% | n/a |" in md_path.read_text()

@@ -305,9 +305,15 @@ def test_the_stale_weight_guard_checks_a_vllm_engine_by_probe(engine_a, model_a,
         stale.check_sync(dict(stale.policy.named_hf_weights()))  # B's weights were never sent
 
 
-def test_router_replay_is_refused_by_name(engine_a):
+def test_routing_is_refused_without_enable_return_routed_experts(engine_a):
     assert not engine_a.can_record_routing
     assert engine_a.can_return_logprobs(SamplingConfig(temperature=1.0, top_p=0.9))  # re-scored at T = 1
     assert not engine_a.can_return_logprobs(SamplingConfig(temperature=0.7, top_p=0.9))
-    with pytest.raises(ValueError, match="does not return routed experts"):
+    with pytest.raises(ValueError, match="build the vLLM engine with enable_return_routed_experts=True"):
         engine_a.generate([[5, 6, 7]], SamplingConfig(max_tokens=2, record_routing=True))
+
+
+def test_returning_routed_experts_is_refused_on_the_cpu_by_its_reason(model_a, tiny_tok):
+    """vLLM 0.32 captures routed experts only in its V2 model runner, which needs Triton on a GPU."""
+    with pytest.raises(ValueError, match="only from its V2 model runner, which needs Triton on a GPU"):
+        VLLMEngine(model_a, tokenizer=tiny_tok, enable_return_routed_experts=True, **ENGINE_KW)

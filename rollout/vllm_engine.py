@@ -188,11 +188,14 @@ class VLLMEngine(RolloutEngine):
             checkpoint's own tokenizer files, if any (without any, texts are empty and stop strings refused).
         **engine_kwargs: Passed to ``vllm.LLM`` (``dtype``, ``max_model_len``, ``gpu_memory_utilization``,
             ``enforce_eager``, ``seed``, ...), over the engine's defaults. ``sleep_level`` (1 or 2) picks what
-            :meth:`sleep` frees on platforms with sleep mode.
+            :meth:`sleep` frees on platforms with sleep mode. ``enable_return_routed_experts=True`` makes the
+            engine return every sample's routing (``SamplingConfig.record_routing``; GPU only, see the module
+            docstring).
 
     Raises:
-        ValueError: for a model object without ``save_pretrained``, or ``VLLM_ENABLE_V1_MULTIPROCESSING=1``
-            (weights are streamed to an in-process worker).
+        ValueError: for a model object without ``save_pretrained``, ``VLLM_ENABLE_V1_MULTIPROCESSING=1``
+            (weights are streamed to an in-process worker), or ``enable_return_routed_experts`` on the CPU, with
+            ``VLLM_USE_V2_MODEL_RUNNER=0`` or for a model without routed experts.
     """
 
     def __init__(self, model_or_path: Any, tokenizer: Any = None, **engine_kwargs: Any) -> None:
